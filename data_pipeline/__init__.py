@@ -1,0 +1,1 @@
+"""Data preparation and streaming: sources -> tokenized webdataset shards -> packed batches."""

@@ -1,0 +1,117 @@
+"""webdataset tar shards and their manifest.
+
+One sample per document: ``tok`` holds the token ids (little-endian, dtype from the manifest),
+``json`` the document's name and byte count. ``manifest.json`` records per shard the documents,
+tokens, bytes and sha256, plus the tokenizer that produced the ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import webdataset as wds
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest is missing, truncated or altered; the message names it."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardSetWriter:
+    """Writes documents into ``<prefix>-NNNNN.tar`` files of about ``target_bytes`` each."""
+
+    def __init__(self, out_dir: Path, prefix: str, target_bytes: int, token_dtype) -> None:
+        self.out_dir, self.prefix, self.target_bytes = out_dir, prefix, target_bytes
+        self.dtype = np.dtype(token_dtype).newbyteorder("<")
+        self.shards: list[dict] = []
+        self._writer = None
+        self._current: dict = {}
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):05d}.tar"
+        self._current = {"name": name, "documents": 0, "tokens": 0, "bytes": 0}
+        self._writer = wds.TarWriter(str(self.out_dir / name))
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        path = self.out_dir / self._current["name"]
+        self._current["size"] = path.stat().st_size
+        self._current["sha256"] = sha256_file(path)
+        self.shards.append(self._current)
+
+    def write(self, key: str, name: str, tokens: np.ndarray, n_bytes: int) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.write({"__key__": key, "tok": tokens.astype(self.dtype).tobytes(),
+                            "json": json.dumps({"name": name, "bytes": n_bytes}).encode()})
+        self._current["documents"] += 1
+        self._current["tokens"] += int(tokens.size)
+        self._current["bytes"] += int(n_bytes)
+        if self._current["tokens"] * self.dtype.itemsize >= self.target_bytes:
+            self._close()
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out_dir / MANIFEST)
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} not found: prepare the dataset first with "
+                         f"`python -m data_pipeline prepare --source shakespeare --out {data_dir}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path} is not valid JSON ({exc}); re-run data_pipeline prepare") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ShardError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
+                         f"(expected {MANIFEST_VERSION}); re-run data_pipeline prepare")
+    return manifest
+
+
+def iter_shard_documents(path: Path, token_dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, token ids) for every document of one shard, in stored order."""
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing; re-run data_pipeline prepare or restore the file")
+    dtype = np.dtype(token_dtype).newbyteorder("<")
+    dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=_all_shards,
+                             workersplitter=_all_shards, empty_check=False)
+    try:
+        for sample in dataset:
+            if "tok" not in sample:
+                raise ShardError(f"shard {path}: sample {sample.get('__key__')!r} has no 'tok' field")
+            yield sample["__key__"], np.frombuffer(sample["tok"], dtype=dtype)
+    except ShardError:
+        raise
+    except Exception as exc:  # tarfile/webdataset errors on truncated or altered files
+        raise ShardError(f"shard {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+                         f"run `python -m data_pipeline verify {path.parent}`") from None
+
+
+def _all_shards(urls):
+    """Our loader splits data across ranks itself; webdataset must not split again."""
+    return urls

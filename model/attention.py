@@ -1,0 +1,63 @@
+"""Causal (optionally sliding-window) GQA attention, as a megatron-core core-attention module.
+
+Megatron hands core attention q ``[s, b, heads/tp, d]`` and k, v ``[s, b, groups/tp, d]`` (GQA
+not expanded) after RoPE, and expects ``[s, b, heads/tp * d]`` back. Swapping this module in the
+layer spec is the only change a new attention variant needs; TP/PP/ZeRO stay as they are.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@lru_cache(maxsize=16)
+def sliding_window_mask(seq_len: int, window: int, device: str) -> torch.Tensor:
+    """True where query i may attend key j: j <= i and i - j < window (Mistral's convention)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0,
+                     backend: str = "sdpa") -> torch.Tensor:
+    """q ``[b, h, s, d]``, k/v ``[b, g, s, d]`` with h % g == 0 -> ``[b, h, s, d]``.
+
+    ``window`` <= 0 or >= s means full causal attention. ``backend="reference"`` is the plain
+    softmax(QK^T) formulation that tests compare the fused SDPA path against.
+    """
+    s = q.shape[-2]
+    windowed = 0 < window < s
+    if backend == "reference":
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        allowed = sliding_window_mask(s, window if windowed else s, str(q.device))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    gqa = q.shape[1] != k.shape[1]
+    if windowed:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sliding_window_mask(s, window, str(q.device)), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+class SlidingWindowCoreAttention(nn.Module):
+    """Drop-in for megatron's DotProductAttention (no dropout: pretraining runs without it)."""
+
+    def __init__(self, config, layer_number: int = 1, attn_mask_type=None, attention_type=None,
+                 *, sliding_window: int = 0, backend: str = "sdpa", **kwargs):
+        super().__init__()
+        self.config = config
+        self.sliding_window = sliding_window
+        self.backend = backend
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = causal_attention(q, k, v, self.sliding_window, self.backend)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -1,0 +1,102 @@
+"""Baseline Mistral: RMSNorm, RoPE, GQA, SwiGLU, causal sliding-window attention.
+
+Built as a megatron-core ``GPTModel`` from the local layer spec, with our core attention swapped
+in. Tensor and pipeline parallelism come from megatron's layers and process groups; this file
+only describes the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelConfig, ParallelConfig
+
+from .attention import SlidingWindowCoreAttention
+
+
+def transformer_config(cfg: ModelConfig, par: ParallelConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if par.dtype == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,            # SwiGLU: silu(x W_gate) * (x W_up)
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=par.dtype == "bf16",
+        # Fused CUDA paths off on CPU (see FINDINGS.md); megatron picks them on GPU.
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec(cfg: ModelConfig):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=SlidingWindowCoreAttention,
+        params={"sliding_window": cfg.sliding_window, "backend": cfg.attention_backend})
+    return spec
+
+
+class MistralLM(nn.Module):
+    """``forward(input_ids [b, s], labels [b, s]) -> per-token loss [b, s]`` (nats, fp32)."""
+
+    def __init__(self, cfg: ModelConfig, par: ParallelConfig):
+        super().__init__()
+        from megatron.core.models.gpt import GPTModel
+
+        self.cfg = cfg
+        self.gpt = GPTModel(
+            config=transformer_config(cfg, par),
+            transformer_layer_spec=layer_spec(cfg),
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.seq_length,
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rope_theta),
+        )
+        self.register_buffer("position_ids", torch.arange(cfg.seq_length)[None], persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        positions = self.position_ids[:, : input_ids.shape[1]]
+        # attention_mask=None: causality and the window live in the core attention module.
+        return self.gpt(input_ids, positions, None, labels=labels)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Closed form, no allocation (used by --dry-run for 7B shapes)."""
+    h, f, v, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.num_layers
+    head_dim = h // cfg.num_attention_heads
+    attn = h * h + 2 * h * cfg.num_query_groups * head_dim + h * h
+    mlp = 3 * h * f
+    per_layer = attn + mlp + 2 * h
+    return v * h + L * per_layer + h + (0 if cfg.tie_embeddings else v * h)
+
+
+def build(cfg: ModelConfig, par: ParallelConfig) -> MistralLM:
+    return MistralLM(cfg, par)

@@ -1,0 +1,36 @@
+"""One registry entry per model family: ``model.name`` -> builder and closed-form size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from pretrain.config import ConfigError, ModelConfig, ParallelConfig
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    build: Callable[[ModelConfig, ParallelConfig], nn.Module]
+    parameter_count: Callable[[ModelConfig], int]
+    description: str
+
+
+def _mistral() -> ModelFamily:
+    from . import mistral
+    return ModelFamily(mistral.build, mistral.parameter_count,
+                       "Mistral baseline (megatron-core GPTModel, sliding-window GQA)")
+
+
+# Lazy factories keep `import model` cheap (megatron-core imports take seconds).
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"mistral": _mistral}
+
+
+def names() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in _FAMILIES:
+        raise ConfigError(f"model.name={name!r} is not registered (allowed: {', '.join(names())})")
+    return _FAMILIES[name]()

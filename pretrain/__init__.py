@@ -1,0 +1,1 @@
+"""Pretraining stack: CLI, trainer, DeepSpeed engine, parallel setup, checkpoints, metrics."""

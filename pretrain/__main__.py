@@ -1,0 +1,97 @@
+"""`python -m pretrain <verb>`: the stack's command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+TRAIN_EPILOG = """\
+examples:
+  python -m pretrain train --config configs/mistral_tiny.yaml
+  python -m pretrain train --config configs/mistral_tiny.yaml --set train.steps=50 --set optim.lr=1e-3
+  python -m pretrain train --config configs/mistral_7b.yaml --dry-run --world-size 64
+  torchrun --nproc_per_node 2 -m pretrain train --config configs/mistral_tiny.yaml
+
+config keys (sections model, data, parallel, optim, train, log) are listed in configs/*.yaml
+and pretrain/config.py; an unknown key or bad value is an error naming it.
+
+exit status: 0 done; 2 configuration/checkpoint error; 75 stopped by SIGINT/SIGTERM/SIGUSR1
+after writing a checkpoint (run the same command again to resume).
+"""
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a model (DeepSpeed engine over megatron-core)",
+        description="Train a model from a YAML config. Writes <train.run_dir>/config.yaml, "
+                    "metrics.jsonl, checkpoints/ (DeepSpeed layout + 'latest') and wandb/ "
+                    "(offline unless WANDB_MODE says otherwise).",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=100 (repeatable; values "
+                        "are parsed as YAML)")
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto (default): continue from <run_dir>/checkpoints/latest if present; "
+                        "never: start from step 0; PATH: a checkpoints dir or one step_* dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, print parameter count and per-rank memory "
+                        "estimate for the layout, allocate nothing, exit")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: total ranks to size for (default: tp x pp, or $WORLD_SIZE)")
+    return p
+
+
+def _dry_run(cfg, world_size: int | None) -> int:
+    import os
+    from pathlib import Path
+
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.tokenizer import ByteTokenizer
+    from model import get_family
+
+    from .parallel import validate_layout
+    from .sizing import estimate, format_estimate
+    from .trainer import resolve_vocab
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.parallel.tp * cfg.parallel.pp
+    validate_layout(cfg, world)
+    if cfg.model.vocab_size == 0:
+        manifest = Path(cfg.data.path) / "manifest.json"
+        vocab = (read_manifest(cfg.data.path)["tokenizer"]["vocab_size"] if manifest.is_file()
+                 else ByteTokenizer().vocab_size)
+        resolve_vocab(cfg, vocab)
+    family = get_family(cfg.model.name)
+    print(format_estimate(cfg.model.name, estimate(cfg, world, family.parameter_count(cfg.model))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain",
+                                     description="Distributed pretraining for fractal architectures.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+
+    from data_pipeline.shards import ShardError
+
+    from .checkpoint import CheckpointError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.verb == "train":
+            if args.world_size is not None and not args.dry_run:
+                parser.error("--world-size is only meaningful with --dry-run")
+            if args.dry_run:
+                return _dry_run(cfg, args.world_size)
+            from .trainer import train
+            return train(cfg, resume=args.resume)
+    except (ConfigError, ShardError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Typed run configuration: YAML file + ``--set dotted.key=value`` overrides, validated on load.
+
+Every section is a dataclass. Unknown keys, wrong types and out-of-range values raise
+``ConfigError`` with one line naming the dotted key and what is allowed, so a typo in a
+1,000-GPU job fails at submit time rather than silently falling back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mistral"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    num_query_groups: int = 2          # KV heads (GQA); equal to heads means plain MHA
+    ffn_hidden_size: int = 768
+    vocab_size: int = 0                # 0: taken from the dataset's tokenizer, padded
+    seq_length: int = 256
+    sliding_window: int = 0            # 0: full causal attention
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    attention_backend: Literal["sdpa", "reference"] = "sdpa"
+
+    def validate(self) -> None:
+        _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads",
+                                  "num_query_groups", "ffn_hidden_size", "seq_length"])
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be "
+                              f"divisible by model.num_query_groups={self.num_query_groups}")
+        if self.sliding_window < 0 or self.vocab_size < 0:
+            raise ConfigError("model.sliding_window and model.vocab_size must be >= 0")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError("model.hidden_size / model.num_attention_heads must be even (RoPE)")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"     # a directory written by `python -m data_pipeline prepare`
+    shuffle_buffer: int = 0            # reserved for the streaming issue; 0 = shard order only
+
+    def validate(self) -> None:
+        if self.shuffle_buffer < 0:
+            raise ConfigError("data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self) -> None:
+        _positive(self, "parallel", ["tp", "pp"])
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} is invalid (allowed: 0, 1, 2, 3)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0             # 0 disables clipping
+
+    def validate(self) -> None:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError("optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay, optim.grad_clip must be >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 1234
+    run_dir: str = "runs/mistral_tiny"
+    checkpoint_every: int = 200        # 0: only at the end and on signals
+    keep_last: int = 2                 # checkpoints kept on disk (0 keeps all)
+    eval_every: int = 100              # 0: only at start and end
+    eval_batches: int = 8
+    log_every: int = 10
+    threads: int = 0                   # torch intra-op threads; 0 = all cores
+
+    def validate(self) -> None:
+        _positive(self, "train", ["steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"])
+        for key in ("checkpoint_every", "keep_last", "eval_every", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = True                 # always offline unless WANDB_MODE says otherwise
+    wandb_project: str = "fractal-pretrain"
+    progress: bool = True              # tqdm progress bar on rank 0
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "RunConfig":
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: Any, section: str, keys: list[str]) -> None:
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must be > 0")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check one leaf value against its annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is invalid (allowed: {', '.join(map(str, allowed))})")
+        return value
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, [a for a in typing.get_args(annotation) if a is not type(None)][0], key)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {annotation!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (allowed in "
+                          f"{prefix or 'the top level'}: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.steps=10' -> (['train', 'steps'], 10); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    return parts, value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    tree = apply_overrides(tree, overrides or [])
+    return _build(RunConfig, tree, "").validate()
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

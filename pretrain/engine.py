@@ -1,0 +1,68 @@
+"""DeepSpeed engine: ZeRO stage from the config, AdamW, warmup + cosine, gradient clipping."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .config import RunConfig
+from .parallel import Layout, MegatronMpu
+
+
+def lr_lambda(cfg: RunConfig):
+    """Multiplier of optim.lr at a step: linear warmup, then cosine down to optim.min_lr."""
+    o, total = cfg.optim, cfg.train.steps
+    floor = o.min_lr / o.lr
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave norms, biases and other vectors alone (standard practice)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * layout.dp,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # torch.optim.AdamW is the client optimizer: fused DeepSpeed ops need a CUDA build.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    if cfg.parallel.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout):
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
+                                  betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, layout), mpu=MegatronMpu(),
+        dist_init_required=False)
+    return engine

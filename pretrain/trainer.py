@@ -1,0 +1,235 @@
+"""The training loop: data -> DeepSpeed engine -> metrics, evaluation in bits per byte,
+checkpoints, and a clean stop on SIGINT / SIGTERM / SIGUSR1."""
+from __future__ import annotations
+
+import math
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loader import PackedBatches
+
+from . import checkpoint
+from .config import ConfigError, RunConfig, save_config
+from .metrics import RunLogger
+
+EXIT_OK = 0
+EXIT_STOPPED = 75   # stopped by a signal after writing a checkpoint: run the same command to resume
+
+for _pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
+                 ".*full scope is deprecated.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+
+class StopSignal:
+    """Record SIGINT/SIGTERM/SIGUSR1; the loop checkpoints at the next step boundary.
+    A second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, world_size: int) -> bool:
+        """Agreed across ranks: a signal delivered to one rank stops all of them together."""
+        flag = self.signum
+        if world_size > 1:
+            t = torch.tensor([flag], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag != 0
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
+    """model.vocab_size 0 -> the tokenizer's, padded to a multiple of 64 x tp (shardable)."""
+    multiple = 64 * cfg.parallel.tp
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset "
+                          f"tokenizer's vocabulary ({tokenizer_vocab}); use 0 to take it from the data")
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: RunConfig, layout) -> dict:
+    """Validation loss (nats/token) and bits per byte over the first train.eval_batches batches."""
+    from megatron.core import parallel_state
+
+    loader = PackedBatches(cfg.data.path, "val", cfg.model.seq_length, cfg.train.micro_batch_size,
+                           rank=layout.dp_rank, world_size=layout.dp, seed=cfg.train.seed, epochs=1)
+    totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
+    engine.eval()
+    for _, batch in zip(range(cfg.train.eval_batches), loader):
+        labels = batch["labels"]
+        token_loss = engine(batch["input_ids"].to(layout.device), labels.to(layout.device))
+        totals += torch.stack([token_loss.double().sum().cpu(), torch.tensor(labels.numel()),
+                               loader.target_bytes(labels).sum()]).double()
+    engine.train()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    nll, tokens, nbytes = totals.tolist()
+    if tokens == 0:
+        raise ConfigError(f"validation split of {cfg.data.path} is shorter than one batch of "
+                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens per rank")
+    return {"loss": nll / tokens, "bpb": nll / math.log(2) / max(nbytes, 1), "eval_tokens": int(tokens)}
+
+
+class _Window:
+    """Loss and byte sums since the last log line, kept on device: no host sync per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.bytes = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, nbytes: torch.Tensor) -> None:
+        self.loss += loss.double()
+        self.bytes += nbytes.to(self.device, non_blocking=True).double()
+
+    def reduce(self) -> tuple[int, float, int, float]:
+        """(steps, mean loss, bytes over all data-parallel ranks, wall seconds); then reset."""
+        from megatron.core import parallel_state
+
+        stats = torch.stack([self.loss, self.bytes])
+        group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(stats, group=group)
+        dp = dist.get_world_size(group)
+        steps, wall = self.steps, time.perf_counter() - self.start
+        loss = stats[0].item() / (dp * max(steps, 1))
+        nbytes = int(stats[1].item())
+        self.reset()
+        return steps, loss, nbytes, wall
+
+
+def train(cfg: RunConfig, resume: str = "auto") -> int:
+    from model import get_family
+
+    from . import parallel
+    from .engine import build_engine
+
+    family = get_family(cfg.model.name)
+    layout = parallel.setup(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    t, seq = cfg.train, cfg.model.seq_length
+
+    data = PackedBatches(cfg.data.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
+                         world_size=layout.dp, seed=t.seed)
+    resolve_vocab(cfg, data.tokenizer.vocab_size)
+    if layout.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(t.seed)
+    model = family.build(cfg.model, cfg.parallel).to(layout.device)
+    engine = build_engine(cfg, model, layout)
+
+    step, tokens, nbytes, elapsed = 0, 0, 0, 0.0
+    source = checkpoint.resolve(resume, run_dir)
+    if source is not None:
+        client, extra = checkpoint.load(engine, source[0], source[1], layout.world_size)
+        step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
+                                         client["elapsed_s"])
+        data.load_state_dict(extra["data"])
+        checkpoint.set_rng_state(extra["rng"])
+
+    logger = RunLogger(cfg, run_dir, layout.is_main, step)
+    if source is not None:
+        logger.print(f"resumed from {source[0] / source[1]} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters()) * layout.tp
+    logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
+                 f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
+                 f"| {cfg.parallel.dtype} | run dir {run_dir}")
+
+    def save(at_step: int) -> None:
+        client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed}
+        extra = {"data": data.state_dict(), "rng": checkpoint.rng_state()}
+        path = checkpoint.save(engine, ckpt_dir, at_step, client, extra, cfg, t.keep_last)
+        logger.print(f"checkpoint: {path}")
+
+    def run_eval(at_step: int) -> dict:
+        result = evaluate(engine, cfg, layout)
+        logger.log({"step": at_step, "split": "val", **result, "tokens": tokens, "bytes": nbytes})
+        logger.print(f"step {at_step}: val loss {result['loss']:.4f} | val bpb {result['bpb']:.4f}")
+        return result
+
+    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * seq
+    stop = StopSignal()
+    batches = iter(data)
+    last_saved = step
+    window = _Window(layout.device)
+    try:
+        if step >= t.steps:
+            logger.print(f"run already complete at step {step} (train.steps={t.steps})")
+            return EXIT_OK
+        if step == 0:
+            run_eval(0)
+        while step < t.steps:
+            t0 = time.perf_counter()
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                labels = batch["labels"]
+                loss = engine(batch["input_ids"].to(layout.device), labels.to(layout.device)).mean()
+                engine.backward(loss)
+                engine.step()
+                window.add(loss.detach() / t.grad_accum, data.target_bytes(labels).sum())
+            step += 1
+            tokens += tokens_per_step
+            elapsed += time.perf_counter() - t0
+            window.steps += 1
+
+            if step % t.log_every == 0 or step == t.steps:
+                steps, loss_avg, window_bytes, wall = window.reduce()
+                nbytes += window_bytes
+                tps = steps * tokens_per_step / wall
+                record = {"step": step, "loss": loss_avg, "lr": engine.get_lr()[0], "tokens": tokens,
+                          "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed}
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                logger.log(record)
+                logger.advance(steps, {"loss": f"{loss_avg:.3f}", "tok/s": f"{tps:,.0f}"})
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                run_eval(step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+                save(step)
+                last_saved = step
+            if stop.requested(layout.world_size):
+                steps, _, window_bytes, _ = window.reduce()  # count unlogged steps before saving
+                nbytes += window_bytes
+                logger.advance(steps)
+                if step != last_saved:
+                    save(step)
+                logger.print(f"stopped by signal {stop.signum} at step {step}; run the same "
+                             f"command again to resume")
+                return EXIT_STOPPED
+        result = run_eval(step)
+        if step != last_saved:
+            save(step)
+        logger.print(f"done: {step} steps, {tokens:,} tokens, final val bpb {result['bpb']:.4f}, "
+                     f"run dir {run_dir}")
+        return EXIT_OK
+    finally:
+        stop.restore()
+        logger.close()
+        parallel.teardown()
