@@ -51,9 +51,12 @@ class RunLogger:
         # Only the env var guarantees zero network connections (FINDINGS.md).
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            os.environ.setdefault(var, str(run_dir / "wandb"))
-        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        # Everything wandb writes stays in this run's directory (wandb adds "wandb/" itself).
+        state = run_dir / "wandb" / ".state"
+        state.mkdir(parents=True, exist_ok=True)
+        os.environ["WANDB_DIR"] = str(run_dir)
+        for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            os.environ[var] = str(state)
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
@@ -88,4 +91,4 @@ class RunLogger:
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
-            self._wandb.finish(quiet=True)
+            self._wandb.finish()

@@ -59,6 +59,8 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     if m.num_attention_heads % tp or m.num_query_groups % tp:
         raise ConfigError(f"parallel.tp={tp} must divide model.num_attention_heads="
                           f"{m.num_attention_heads} and model.num_query_groups={m.num_query_groups}")
+    if m.vocab_size % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide model.vocab_size={m.vocab_size}")
     if m.num_layers % pp:
         raise ConfigError(f"parallel.pp={pp} must divide model.num_layers={m.num_layers}")
     if pp > 1:

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import PackedBatches
+from data_pipeline.shards import read_manifest
+from data_pipeline.tokenizer import tokenizer_from_manifest
 
 from . import checkpoint
 from .config import ConfigError, RunConfig, save_config
@@ -54,9 +56,13 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+VOCAB_MULTIPLE = 128
+
+
 def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
-    """model.vocab_size 0 -> the tokenizer's, padded to a multiple of 64 x tp (shardable)."""
-    multiple = 64 * cfg.parallel.tp
+    """model.vocab_size 0 -> the tokenizer's, padded to a multiple of 128. The padding must not
+    depend on the layout: a TP=2 run has to be the same model as a TP=1 run."""
+    multiple = VOCAB_MULTIPLE
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
     elif cfg.model.vocab_size < tokenizer_vocab:
@@ -126,6 +132,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     from .engine import build_engine
 
     family = get_family(cfg.model.name)
+    resolve_vocab(cfg, tokenizer_from_manifest(read_manifest(cfg.data.path)["tokenizer"]).vocab_size)
     layout = parallel.setup(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -135,7 +142,6 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
 
     data = PackedBatches(cfg.data.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
                          world_size=layout.dp, seed=t.seed)
-    resolve_vocab(cfg, data.tokenizer.vocab_size)
     if layout.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

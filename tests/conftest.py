@@ -57,7 +57,8 @@ def dataset(tmp_path_factory, text_corpus) -> Path:
     return out
 
 
-def run_cli(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(*args: str, timeout: float = 600, env_extra: dict | None = None,
+            **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)

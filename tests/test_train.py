@@ -111,16 +111,23 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
 
 
+SIGNAL_TEST_STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory) -> dict[int, float]:
+    reference = tmp_path_factory.mktemp("reference")
+    done = run_cli(*train_cmd(dataset, reference, **{"train.steps": SIGNAL_TEST_STEPS}))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return losses_by_step(reference)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, sig):
+def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, uninterrupted, sig):
     import subprocess
     import sys
 
-    steps = 400
-    reference = tmp_path / "reference"
-    done = run_cli(*train_cmd(dataset, reference, **{"train.steps": steps}))
-    assert done.returncode == 0, done.stderr[-2000:]
-
+    steps = SIGNAL_TEST_STEPS
     run_dir = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, *train_cmd(dataset, run_dir, **{"train.steps": steps})],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -139,6 +146,16 @@ def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, sig):
     again = run_cli(*train_cmd(dataset, run_dir, **{"train.steps": steps}))
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"at step {stopped_at}" in again.stdout + again.stderr
-    resumed, uninterrupted = losses_by_step(run_dir), losses_by_step(reference)
+    resumed = losses_by_step(run_dir)
     assert sorted(resumed) == list(range(1, steps + 1))  # the step counter continued
     assert resumed == uninterrupted  # data order, RNG, optimizer and LR schedule all restored
+
+
+def test_wandb_logs_offline_inside_the_run_dir(dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(*train_cmd(dataset, run_dir, **{"log.wandb": True, "train.steps": 2}),
+                     env_extra={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert (run_dir / "wandb_id").read_text() in runs[0].name
