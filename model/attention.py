@@ -23,26 +23,30 @@ def sliding_window_mask(seq_len: int, window: int, device: str) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0,
-                     backend: str = "sdpa") -> torch.Tensor:
+                     backend: str = "sdpa", blocked: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[b, h, s, d]``, k/v ``[b, g, s, d]`` with h % g == 0 -> ``[b, h, s, d]``.
 
-    ``window`` <= 0 or >= s means full causal attention. ``backend="reference"`` is the plain
-    softmax(QK^T) formulation that tests compare the fused SDPA path against.
+    ``window`` <= 0 or >= s means full causal attention. ``blocked`` (bool, broadcastable to
+    ``[b, 1, s, s]``, True = may not attend) adds masking on top, e.g. across documents.
+    ``backend="reference"`` is the plain softmax(QK^T) formulation tests compare SDPA against.
     """
     s = q.shape[-2]
     windowed = 0 < window < s
+    allowed = None
+    if windowed or blocked is not None or backend == "reference":
+        allowed = sliding_window_mask(s, window if windowed else s, str(q.device))
+        if blocked is not None:
+            allowed = allowed & ~blocked
     if backend == "reference":
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        allowed = sliding_window_mask(s, window if windowed else s, str(q.device))
         scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
     gqa = q.shape[1] != k.shape[1]
-    if windowed:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=sliding_window_mask(s, window, str(q.device)), enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
 class SlidingWindowCoreAttention(nn.Module):
@@ -58,6 +62,7 @@ class SlidingWindowCoreAttention(nn.Module):
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = causal_attention(q, k, v, self.sliding_window, self.backend)
+        # Megatron's convention: attention_mask True = masked out (here: across documents).
+        out = causal_attention(q, k, v, self.sliding_window, self.backend, blocked=attention_mask)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -64,7 +64,8 @@ def layer_spec(cfg: ModelConfig):
 
 
 class MistralLM(nn.Module):
-    """``forward(input_ids [b, s], labels [b, s]) -> per-token loss [b, s]`` (nats, fp32)."""
+    """``forward(input_ids [b, s], labels [b, s], segment_ids [b, s] | None) -> per-token loss
+    [b, s]`` (nats, fp32)."""
 
     def __init__(self, cfg: ModelConfig, par: ParallelConfig):
         super().__init__()
@@ -82,10 +83,16 @@ class MistralLM(nn.Module):
         )
         self.register_buffer("position_ids", torch.arange(cfg.seq_length)[None], persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         positions = self.position_ids[:, : input_ids.shape[1]]
-        # attention_mask=None: causality and the window live in the core attention module.
-        return self.gpt(input_ids, positions, None, labels=labels)
+        # Causality and the window live in the core attention module; a mask is only needed to
+        # keep packed documents apart (True = masked, megatron's convention). RoPE is relative,
+        # so positions need no reset at document starts.
+        blocked = None
+        if segment_ids is not None:
+            blocked = (segment_ids[:, None, :, None] != segment_ids[:, None, None, :])
+        return self.gpt(input_ids, positions, blocked, labels=labels)
 
 
 def parameter_count(cfg: ModelConfig) -> int:

@@ -43,6 +43,22 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmarks that write OUT/results.json",
+                       description="Measure, print a table and write OUT/results.json.")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    d = what.add_parser("data", help="packed-sequence throughput of the loader, 1 and 2 workers",
+                        description="Streams packed training batches from a prepared dataset with "
+                                    "1 and then 2 DataLoader workers and reports MB/s of source "
+                                    "bytes delivered, in total and per worker.")
+    d.add_argument("--data", required=True, help="dataset directory written by data_pipeline prepare")
+    d.add_argument("--out", required=True, help="output directory for results.json")
+    d.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    d.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
+    d.add_argument("--seconds", type=float, default=5.0, help="timed seconds per run (default 5)")
+    return p
+
+
 def _dry_run(cfg, world_size: int | None) -> int:
     import os
     from pathlib import Path
@@ -72,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Distributed pretraining for fractal architectures.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _train_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
 
     from data_pipeline.shards import ShardError
@@ -79,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
+        if args.verb == "bench":
+            from .bench import data as bench_data
+            bench_data.run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.verb == "train":
             if args.world_size is not None and not args.dry_run:

@@ -54,11 +54,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "data/shakespeare"     # a directory written by `python -m data_pipeline prepare`
-    shuffle_buffer: int = 0            # reserved for the streaming issue; 0 = shard order only
+    tokenizer: Literal["auto", "bytes", "sentencepiece"] = "auto"  # expected; auto = the dataset's
+    num_workers: int = 0               # DataLoader worker processes per rank (0: in-process)
+    shuffle_buffer: int = 0            # documents in the seeded shuffle buffer (0: shard order only)
+    mask_documents: bool = False       # mask attention across document boundaries in packed rows
+    on_error: Literal["raise", "skip"] = "raise"  # a corrupt/missing shard: fail, or skip and count
 
     def validate(self) -> None:
-        if self.shuffle_buffer < 0:
-            raise ConfigError("data.shuffle_buffer must be >= 0")
+        if self.shuffle_buffer < 0 or self.num_workers < 0:
+            raise ConfigError("data.shuffle_buffer and data.num_workers must be >= 0")
 
 
 @dataclass

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import PackedBatches
+from data_pipeline.loader import StreamingLoader
 from data_pipeline.shards import read_manifest
-from data_pipeline.tokenizer import tokenizer_from_manifest
 
 from . import checkpoint
 from .config import ConfigError, RunConfig, save_config
@@ -59,6 +58,16 @@ class StopSignal:
 VOCAB_MULTIPLE = 128
 
 
+def dataset_tokenizer(cfg: RunConfig) -> dict:
+    """The dataset's tokenizer description, checked against data.tokenizer."""
+    info = read_manifest(cfg.data.path)["tokenizer"]
+    if cfg.data.tokenizer != "auto" and info["kind"] != cfg.data.tokenizer:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} but {cfg.data.path} was prepared with "
+                          f"the {info['kind']} tokenizer; prepare it with --tokenizer "
+                          f"{cfg.data.tokenizer} or set data.tokenizer=auto")
+    return info
+
+
 def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
     """model.vocab_size 0 -> the tokenizer's, padded to a multiple of 128. The padding must not
     depend on the layout: a TP=2 run has to be the same model as a TP=1 run."""
@@ -70,18 +79,29 @@ def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
                           f"tokenizer's vocabulary ({tokenizer_vocab}); use 0 to take it from the data")
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    inputs = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+    if "segment_ids" in batch:
+        inputs["segment_ids"] = batch["segment_ids"].to(device)
+    return inputs
+
+
 @torch.no_grad()
 def evaluate(engine, cfg: RunConfig, layout) -> dict:
-    """Validation loss (nats/token) and bits per byte over the first train.eval_batches batches."""
+    """Validation loss (nats/token) and bits per byte over the first train.eval_batches batches
+    of the validation split in stored order; data-parallel ranks take every dp-th batch, so the
+    result is the same for any world size."""
     from megatron.core import parallel_state
 
-    loader = PackedBatches(cfg.data.path, "val", cfg.model.seq_length, cfg.train.micro_batch_size,
-                           rank=layout.dp_rank, world_size=layout.dp, seed=cfg.train.seed, epochs=1)
+    loader = StreamingLoader(cfg.data.path, "val", cfg.model.seq_length, cfg.train.micro_batch_size,
+                             seed=cfg.train.seed, epochs=1, mask_documents=cfg.data.mask_documents)
     totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
     engine.eval()
-    for _, batch in zip(range(cfg.train.eval_batches), loader):
+    for i, batch in zip(range(cfg.train.eval_batches), loader):
+        if i % layout.dp != layout.dp_rank:
+            continue
         labels = batch["labels"]
-        token_loss = engine(batch["input_ids"].to(layout.device), labels.to(layout.device))
+        token_loss = engine(**model_inputs(batch, layout.device))
         totals += torch.stack([token_loss.double().sum().cpu(), torch.tensor(labels.numel()),
                                loader.target_bytes(labels).sum()]).double()
     engine.train()
@@ -89,8 +109,17 @@ def evaluate(engine, cfg: RunConfig, layout) -> dict:
     nll, tokens, nbytes = totals.tolist()
     if tokens == 0:
         raise ConfigError(f"validation split of {cfg.data.path} is shorter than one batch of "
-                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens per rank")
+                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens")
     return {"loss": nll / tokens, "bpb": nll / math.log(2) / max(nbytes, 1), "eval_tokens": int(tokens)}
+
+
+def skipped_shards(data: StreamingLoader) -> int:
+    """Shards skipped as corrupt so far, over all data-parallel ranks and workers."""
+    from megatron.core import parallel_state
+
+    count = torch.tensor([data.skipped_shards], dtype=torch.int64)
+    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return int(count.item())
 
 
 class _Window:
@@ -132,7 +161,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     from .engine import build_engine
 
     family = get_family(cfg.model.name)
-    resolve_vocab(cfg, tokenizer_from_manifest(read_manifest(cfg.data.path)["tokenizer"]).vocab_size)
+    tokenizer = dataset_tokenizer(cfg)
+    resolve_vocab(cfg, tokenizer["vocab_size"])
     layout = parallel.setup(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -140,8 +170,11 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     ckpt_dir = run_dir / "checkpoints"
     t, seq = cfg.train, cfg.model.seq_length
 
-    data = PackedBatches(cfg.data.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
-                         world_size=layout.dp, seed=t.seed)
+    d = cfg.data
+    data = StreamingLoader(d.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
+                           world_size=layout.dp, num_workers=d.num_workers, seed=t.seed,
+                           shuffle_buffer=d.shuffle_buffer, on_error=d.on_error,
+                           mask_documents=d.mask_documents)
     if layout.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -156,6 +189,10 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
         client, extra = checkpoint.load(engine, source[0], source[1], layout.world_size)
         step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
                                          client["elapsed_s"])
+        if client.get("tokenizer") != tokenizer.get("fingerprint"):
+            raise checkpoint.CheckpointError(
+                f"{source[0] / source[1]} was trained on tokenizer {client.get('tokenizer')!r}, but "
+                f"{d.path} holds {tokenizer.get('fingerprint')!r}: resume on the same dataset")
         data.load_state_dict(extra["data"])
         checkpoint.set_rng_state(extra["rng"])
 
@@ -168,7 +205,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
                  f"| {cfg.parallel.dtype} | run dir {run_dir}")
 
     def save(at_step: int) -> None:
-        client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed}
+        client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed,
+                  "tokenizer": tokenizer.get("fingerprint")}
         extra = {"data": data.state_dict(), "rng": checkpoint.rng_state()}
         path = checkpoint.save(engine, ckpt_dir, at_step, client, extra, cfg, t.keep_last)
         logger.print(f"checkpoint: {path}")
@@ -195,7 +233,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
             for _ in range(t.grad_accum):
                 batch = next(batches)
                 labels = batch["labels"]
-                loss = engine(batch["input_ids"].to(layout.device), labels.to(layout.device)).mean()
+                loss = engine(**model_inputs(batch, layout.device)).mean()
                 engine.backward(loss)
                 engine.step()
                 window.add(loss.detach() / t.grad_accum, data.target_bytes(labels).sum())
@@ -213,6 +251,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                if d.on_error == "skip":
+                    record["data_skipped_shards"] = skipped_shards(data)
                 logger.log(record)
                 logger.advance(steps, {"loss": f"{loss_avg:.3f}", "tok/s": f"{tps:,.0f}"})
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:

