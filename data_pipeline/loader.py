@@ -94,10 +94,8 @@ class SlotStream:
             yield from self._raw_documents()
             return
         st = self.state
-        rng = np.random.default_rng()
-        if st["rng"] is None:
-            rng = np.random.default_rng([self.spec["seed"], 7919, self.slot])
-        else:
+        rng = np.random.default_rng([self.spec["seed"], 7919, self.slot])
+        if st["rng"] is not None:  # resume: continue the saved generator
             rng.bit_generator.state = st["rng"]
         buffer = self._reload(st["shuffle_refs"])  # [(shard, index, tokens)]
         for item in self._raw_documents():
@@ -177,8 +175,8 @@ class SlotStream:
 
 class _WorkerStreams(IterableDataset):
     """Runs inside DataLoader workers. Worker d serves logical worker (d + offset) % W and sends
-    its batches in groups of ``per_item`` (one DataLoader item costs ~0.3 ms whatever its size; items of 8 x 32 KiB
-    beat bigger ones, which stall on the 64 KiB pipe buffer);
+    its batches in groups of ``per_item``: a DataLoader item costs ~0.3 ms whatever its size, and
+    groups of 8 x 32 KiB beat bigger ones, which stall on the 64 KiB pipe buffer.
     ``first_item[logical]`` shortens a first group to finish one interrupted before a resume."""
 
     def __init__(self, spec: dict, rank: int, states: list, offset: int, first_item: list[int]):

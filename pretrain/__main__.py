@@ -59,6 +59,19 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file (or HF)",
+                       description="Merge ZeRO and tensor-parallel shards of a checkpoint into one "
+                                   "state dict. --format safetensors keeps our parameter names; "
+                                   "--format hf writes config.json + model.safetensors that "
+                                   "transformers.MistralForCausalLM.from_pretrained loads.")
+    p.add_argument("--ckpt", required=True,
+                   help="a run directory, its checkpoints/ directory (uses 'latest') or one step_* dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
+    return p
+
+
 def _dry_run(cfg, world_size: int | None) -> int:
     import os
     from pathlib import Path
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _train_parser(sub)
     _bench_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
 
     from data_pipeline.shards import ShardError
@@ -99,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "bench":
             from .bench import data as bench_data
             bench_data.run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
+            return 0
+        if args.verb == "export":
+            from .export import export
+            print(f"wrote {export(args.ckpt, args.out, args.format)}")
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.verb == "train":

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ from .config import RunConfig, save_config
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+# Fault injection for tests and drills: SIGKILL this process after the shard files of this step
+# are written and before the checkpoint is marked complete (a crash mid-checkpoint).
+KILL_MID_CHECKPOINT_ENV = "PRETRAIN_KILL_MID_CHECKPOINT_AT_STEP"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -92,6 +96,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, extra: dict, cfg
     tmp = ckpt_dir / tag / f"extra_rank{rank:05d}.pt.tmp"
     torch.save(extra, tmp)
     os.replace(tmp, ckpt_dir / tag / f"extra_rank{rank:05d}.pt")
+    if os.environ.get(KILL_MID_CHECKPOINT_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if rank == 0:
         save_config(cfg, ckpt_dir / tag / "config.yaml")

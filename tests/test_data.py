@@ -275,3 +275,24 @@ def test_bench_data_writes_results(tmp_path, dataset):
     results = json.loads((out / "results.json").read_text())
     assert [r["workers"] for r in results["runs"]] == [1, 2]
     assert results["mb_per_s_per_worker"] > 0
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_models_round_trip_and_build_tasks(tmp_path, text_corpus, model_type):
+    from data_pipeline.tasks import mqar_examples, passkey_examples
+
+    manifest = prepare(str(text_corpus), tmp_path / "sp", tokenizer="sentencepiece", vocab_size=320,
+                       sp_model_type=model_type, val_fraction=0.25, shard_mb=0.004, log=lambda *_: None)
+    assert manifest["dropped_not_lossless"] == 0
+    source = {str(p.relative_to(text_corpus)): p.read_bytes() for p in text_corpus.rglob("*") if p.is_file()}
+    tok = tokenizer_from_manifest(manifest["tokenizer"], tmp_path / "sp")
+    for split in manifest["splits"].values():
+        ids = [t for s in split["shards"]
+               for _, t in iter_shard_documents(tmp_path / "sp" / s["name"], manifest["tokenizer"]["dtype"])]
+        assert {n: tok.decode(t) for n, t in zip(split["names"], ids)} == {n: source[n] for n in split["names"]}
+    ex = passkey_examples(tok, 256, depths=(0.5,), per_depth=1)[0]
+    start, length = ex.answers[0]
+    assert tok.decode(ex.input_ids).decode().endswith(tok.decode(ex.input_ids[start:start + length]).decode())
+    assert len(mqar_examples(tok, 4, 256, num_examples=1)[0].answers) == 4
+    loader = StreamingLoader(tmp_path / "sp", "train", 32, 2, epochs=1)
+    assert int(next(iter(loader))["input_ids"].max()) < tok.vocab_size

@@ -183,3 +183,22 @@ def test_wrong_tokenizer_is_refused(dataset, tmp_path):
     result = run_cli(*train_cmd(dataset, tmp_path / "run", **{"data.tokenizer": "sentencepiece"}))
     assert result.returncode == 2
     assert "data.tokenizer=sentencepiece" in result.stderr and "bytes" in result.stderr
+
+
+def test_sigkill_mid_checkpoint_keeps_latest_on_the_previous_one(dataset, tmp_path):
+    from pretrain.checkpoint import KILL_MID_CHECKPOINT_ENV
+
+    extra = {"train.steps": 9, "train.checkpoint_every": 3}
+    reference = tmp_path / "reference"
+    assert run_cli(*train_cmd(dataset, reference, **extra)).returncode == 0
+    run_dir = tmp_path / "killed"
+    killed = run_cli(*train_cmd(dataset, run_dir, **extra), env_extra={KILL_MID_CHECKPOINT_ENV: "6"})
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000003"
+    assert (ckpts / "step_00000006").is_dir() and not (ckpts / "step_00000006" / "COMPLETE").exists()
+    resumed = run_cli(*train_cmd(dataset, run_dir, **extra))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 3" in resumed.stdout + resumed.stderr
+    assert losses_by_step(run_dir) == losses_by_step(reference)
+    assert not (ckpts / "step_00000006").exists() or (ckpts / "step_00000006" / "COMPLETE").exists()

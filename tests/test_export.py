@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from conftest import run_cli
+from data_pipeline.loader import StreamingLoader
+from model import get_family
+from pretrain.config import load_config
+from pretrain.metrics import read_metrics
+from test_distributed import torchrun
+from test_train import train_cmd
+
+
+@pytest.fixture(scope="module")
+def tp2_run(dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tp2")
+    result = torchrun(2, train_cmd(dataset, run_dir, **{"parallel.tp": 2, "train.steps": 4}))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return run_dir
+
+
+def export(run_dir, out, fmt):
+    result = run_cli("-m", "pretrain", "export", "--ckpt", str(run_dir), "--out", str(out), "--format", fmt)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def our_model(export_dir):
+    """The merged weights in our own model at TP=1 (the session fixture set up one process)."""
+    from safetensors.torch import load_file
+
+    cfg = load_config(export_dir / "config.yaml")
+    cfg.parallel.tp = 1
+    torch.manual_seed(0)
+    model = get_family("mistral").build(cfg.model, cfg.parallel)
+    model.load_state_dict({"gpt." + k: v for k, v in load_file(export_dir / "model.safetensors").items()})
+    return cfg, model.eval()
+
+
+def test_merged_tp_shards_reproduce_the_tp2_validation_loss(session, tp2_run, tmp_path):
+    cfg, model = our_model(export(tp2_run, tmp_path / "st", "safetensors"))
+    loader = StreamingLoader(cfg.data.path, "val", cfg.model.seq_length, cfg.train.micro_batch_size,
+                             epochs=1)
+    losses = []
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.train.eval_batches), loader):
+            losses.append(model(batch["input_ids"], batch["labels"]).double())
+    final_val = [r for r in read_metrics(tp2_run / "metrics.jsonl") if r.get("split") == "val"][-1]
+    assert torch.cat(losses).mean().item() == pytest.approx(final_val["loss"], abs=1e-5)
+
+
+def test_tp2_checkpoint_exports_to_transformers_with_equal_logits(session, tp2_run, tmp_path):
+    from transformers import MistralForCausalLM
+
+    hf_dir = export(tp2_run, tmp_path / "hf", "hf")
+    _, ours = our_model(export(tp2_run, tmp_path / "st", "safetensors"))
+    hf = MistralForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
+                                            dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(ids, None)
+        got = hf(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
