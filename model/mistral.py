@@ -107,3 +107,12 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 def build(cfg: ModelConfig, par: ParallelConfig) -> MistralLM:
     return MistralLM(cfg, par)
+
+
+def training_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs per token: 6 x (parameters in matmuls) + the attention matmuls,
+    12 x layers x hidden x attended context (PaLM appendix B convention, causal masking not
+    discounted; a sliding window bounds the context). The input embedding is a lookup: excluded."""
+    matmul_params = parameter_count(cfg) - cfg.vocab_size * cfg.hidden_size
+    context = min(cfg.seq_length, cfg.sliding_window) if cfg.sliding_window else cfg.seq_length
+    return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.hidden_size * context

@@ -13,12 +13,13 @@ from pretrain.config import ConfigError, ModelConfig, ParallelConfig
 class ModelFamily:
     build: Callable[[ModelConfig, ParallelConfig], nn.Module]
     parameter_count: Callable[[ModelConfig], int]
+    training_flops_per_token: Callable[[ModelConfig], float]
     description: str
 
 
 def _mistral() -> ModelFamily:
     from . import mistral
-    return ModelFamily(mistral.build, mistral.parameter_count,
+    return ModelFamily(mistral.build, mistral.parameter_count, mistral.training_flops_per_token,
                        "Mistral baseline (megatron-core GPTModel, sliding-window GQA)")
 
 

@@ -112,10 +112,11 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     threads: int = 0                   # torch intra-op threads; 0 = all cores
+    peak_tflops: float = 0.0           # per-device peak for MFU; 0 = a matmul probe at start
 
     def validate(self) -> None:
         _positive(self, "train", ["steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"])
-        for key in ("checkpoint_every", "keep_last", "eval_every", "threads"):
+        for key in ("checkpoint_every", "keep_last", "eval_every", "threads", "peak_tflops"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")
 

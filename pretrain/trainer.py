@@ -17,6 +17,7 @@ from data_pipeline.shards import read_manifest
 from . import checkpoint
 from .config import ConfigError, RunConfig, save_config
 from .metrics import RunLogger
+from .throughput import matmul_probe_tflops, peak_memory_mb
 
 EXIT_OK = 0
 EXIT_STOPPED = 75   # stopped by a signal after writing a checkpoint: run the same command to resume
@@ -196,6 +197,9 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
         data.load_state_dict(extra["data"])
         checkpoint.set_rng_state(extra["rng"])
 
+    flops_per_token = family.training_flops_per_token(cfg.model)
+    peak_tflops = t.peak_tflops or matmul_probe_tflops(
+        layout.device, torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32)
     logger = RunLogger(cfg, run_dir, layout.is_main, step)
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}")
@@ -203,6 +207,9 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
                  f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
                  f"| {cfg.parallel.dtype} | run dir {run_dir}")
+    logger.print(f"MFU denominator: {peak_tflops:.3f} TFLOP/s per device "
+                 f"({'train.peak_tflops' if t.peak_tflops else 'matmul probe'}); "
+                 f"{flops_per_token / 1e6:.1f} MFLOP per training token")
 
     def save(at_step: int) -> None:
         client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed,
@@ -246,15 +253,19 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
                 steps, loss_avg, window_bytes, wall = window.reduce()
                 nbytes += window_bytes
                 tps = steps * tokens_per_step / wall
+                tflops = tps * flops_per_token / layout.world_size / 1e12  # per device
                 record = {"step": step, "loss": loss_avg, "lr": engine.get_lr()[0], "tokens": tokens,
-                          "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed}
+                          "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed,
+                          "tflops_per_device": tflops, "mfu": tflops / peak_tflops,
+                          "peak_mem_mb": peak_memory_mb(layout.device)}
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 if d.on_error == "skip":
                     record["data_skipped_shards"] = skipped_shards(data)
                 logger.log(record)
-                logger.advance(steps, {"loss": f"{loss_avg:.3f}", "tok/s": f"{tps:,.0f}"})
+                logger.advance(steps, {"loss": f"{loss_avg:.3f}", "tok/s": f"{tps:,.0f}",
+                                       "mfu": f"{record['mfu']:.0%}"})
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 run_eval(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:

@@ -65,3 +65,15 @@ def test_document_mask_keeps_packed_documents_apart(session):
     torch.testing.assert_close(masked_a[:, 20:], masked_b[:, 20:], atol=0, rtol=0)
     open_a, open_b = logits(model, ids), logits(model, changed)
     assert not torch.allclose(open_a[:, 20:], open_b[:, 20:])
+
+
+def test_training_flops_formula(session):
+    from pretrain.config import load_config
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "mistral_7b.yaml")
+    n = get_family("mistral").parameter_count(cfg.model)
+    expected = 6 * (n - 32000 * 4096) + 12 * 32 * 4096 * 4096
+    assert get_family("mistral").training_flops_per_token(cfg.model) == expected
+    cfg.model.sliding_window = 1024  # the window bounds the attended context
+    assert get_family("mistral").training_flops_per_token(cfg.model) == expected - 12 * 32 * 4096 * 3072

@@ -148,6 +148,10 @@ def test_wandb_logs_offline_inside_the_run_dir(dataset, tmp_path):
     result = run_cli(*train_cmd(dataset, run_dir, **{"log.wandb": True, "train.steps": 2}),
                      env_extra={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-2000:]
+    record = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r][-1]
+    for key in ("step", "loss", "lr", "tokens", "bytes", "tokens_per_s", "elapsed_s"):
+        assert key in record  # the metrics.jsonl contract (DESIGN.md)
+    assert record["tflops_per_device"] > 0 and 0 < record["mfu"] < 1.5 and record["peak_mem_mb"] > 100
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert (run_dir / "wandb_id").read_text() in runs[0].name
