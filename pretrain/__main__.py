@@ -72,6 +72,24 @@ def _export_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="sample text from a checkpoint, streamed",
+                       description="Load a checkpoint (any ZeRO / tensor-parallel layout, merged into "
+                                   "one process) and sample a continuation of each prompt.")
+    p.add_argument("--ckpt", required=True,
+                   help="a run directory, its checkpoints/ directory (uses 'latest') or one step_* dir")
+    p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--interactive", action="store_true",
+                   help="after --prompt (if any), read one prompt per line from stdin until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="default 200")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: smallest set with this probability mass (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    return p
+
+
 def _dry_run(cfg, world_size: int | None) -> int:
     import os
     from pathlib import Path
@@ -103,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _bench_parser(sub)
     _export_parser(sub)
+    _generate_parser(sub)
     args = parser.parse_args(argv)
+    if args.verb == "generate" and args.prompt is None and not args.interactive:
+        parser.error("generate needs --prompt TEXT and/or --interactive")
 
     from data_pipeline.shards import ShardError
 
@@ -114,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import data as bench_data
             bench_data.run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
             return 0
+        if args.verb == "generate":
+            from .generate import main as generate_main
+            return generate_main(args)
         if args.verb == "export":
             from .export import export
             print(f"wrote {export(args.ckpt, args.out, args.format)}")

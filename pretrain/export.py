@@ -105,16 +105,21 @@ def hf_config(cfg: RunConfig):
         architectures=["MistralForCausalLM"])
 
 
-def export(ckpt: str, out: str, fmt: str = "safetensors") -> Path:
-    from safetensors.torch import save_file
-
+def locate(ckpt: str) -> tuple[Path, str]:
+    """A run directory, its checkpoints/ directory (-> latest) or one step_* dir -> (dir, tag)."""
     path = Path(ckpt)
-    if (path / "checkpoints").is_dir():  # a run directory
+    if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     found = resolve(str(path), path)
     if found is None:
         raise CheckpointError(f"--ckpt {ckpt}: no checkpoint found")
-    ckpt_dir, tag = found
+    return found
+
+
+def export(ckpt: str, out: str, fmt: str = "safetensors") -> Path:
+    from safetensors.torch import save_file
+
+    ckpt_dir, tag = locate(ckpt)
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     if cfg.model.name != "mistral" and fmt == "hf":
         raise CheckpointError(f"--format hf is defined for the mistral baseline, not {cfg.model.name}")

@@ -60,3 +60,33 @@ def test_tp2_checkpoint_exports_to_transformers_with_equal_logits(session, tp2_r
         expected = ours(ids, None)
         got = hf(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_sampling_rules():
+    from pretrain.generate import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
+    assert sample_next(logits, 0.0, 0, 1.0, g) == 1                      # greedy
+    assert {sample_next(logits, 1.0, 1, 1.0, g) for _ in range(20)} == {1}  # top-k 1
+    assert {sample_next(logits, 1.0, 2, 1.0, g) for _ in range(50)} == {1, 2}
+    probs = torch.softmax(logits, -1)  # top-p: the smallest set whose mass reaches p
+    p = float(probs[1] + probs[2]) - 1e-3
+    assert {sample_next(logits, 1.0, 0, p, g) for _ in range(50)} == {1, 2}
+    assert len({sample_next(logits, 1.0, 0, 1.0, g) for _ in range(300)}) == 5
+
+
+def test_generate_streams_a_deterministic_continuation(tp2_run):
+    args = ["-m", "pretrain", "generate", "--ckpt", str(tp2_run), "--prompt", "To be",
+            "--max-new-tokens", "24", "--temperature", "0"]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.startswith("To be") and len(first.stdout) > len("To be\n")
+    assert first.stdout == second.stdout  # greedy: same text
+    sampled = run_cli(*args[:-2], "--temperature", "1.0", "--top-k", "20", "--seed", "3",
+                      "--interactive", input="Whether\n")
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    lines = sampled.stdout.splitlines()
+    assert lines[0].startswith("To be") and any(line.startswith("Whether") for line in lines[1:])
+    missing = run_cli("-m", "pretrain", "generate", "--ckpt", str(tp2_run))
+    assert missing.returncode == 2 and "--prompt" in missing.stderr

@@ -1,0 +1,101 @@
+"""Sample text from a checkpoint: temperature, top-k and nucleus (top-p) sampling, streamed.
+
+Any checkpoint layout loads: ZeRO and tensor-parallel shards are merged (as `export` does) into
+one process. Every new token re-runs the model over the last ``model.seq_length`` tokens (no KV
+cache yet): fine for the small models this runs on a CPU, quadratic in the context for big ones.
+"""
+from __future__ import annotations
+
+import codecs
+import itertools
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from data_pipeline.tokenizer import tokenizer_from_manifest
+from data_pipeline.shards import read_manifest
+
+from .config import load_config
+from .export import load_shards, locate, merge_tensor_parallel
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator) -> int:
+    """One id from ``logits [vocab]``; temperature 0 is greedy."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        cutoff = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+class Generator:
+    def __init__(self, ckpt: str):
+        from model import get_family
+
+        from . import parallel
+
+        ckpt_dir, tag = locate(ckpt)
+        self.cfg = load_config(ckpt_dir / tag / "config.yaml")
+        self.cfg.parallel.tp, self.cfg.parallel.pp = 1, 1
+        data_dir = Path(self.cfg.data.path)
+        self.tokenizer = tokenizer_from_manifest(read_manifest(data_dir)["tokenizer"], data_dir)
+        parallel.setup(self.cfg)
+        self.model = get_family(self.cfg.model.name).build(self.cfg.model, self.cfg.parallel)
+        state = merge_tensor_parallel(load_shards(ckpt_dir, tag))
+        self.model.load_state_dict({"gpt." + k: v for k, v in state.items()})
+        self.model.eval()
+
+    @torch.no_grad()
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+               top_p: float, seed: int) -> Iterator[str]:
+        """Yields decoded text pieces as tokens are sampled (UTF-8 split safely)."""
+        generator = torch.Generator().manual_seed(seed)
+        ids = [int(i) for i in self.tokenizer.encode(prompt.encode("utf-8"))] or [self.tokenizer.eos_id]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        emitted, new = b"", []
+        window = self.cfg.model.seq_length
+        for _ in range(max_new_tokens):
+            context = torch.tensor([ids[-window:]])
+            logits = self.model(context, None)[0, -1, : self.tokenizer.vocab_size]
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if token == self.tokenizer.eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+            text = self.tokenizer.decode(new)
+            if text.startswith(emitted):
+                piece = decoder.decode(text[len(emitted):])
+                emitted = text
+                if piece:
+                    yield piece
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+
+def main(args) -> int:
+    generator = Generator(args.ckpt)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.interactive:
+        print("interactive: one prompt per line, Ctrl-D to quit", file=sys.stderr)
+        prompts = itertools.chain(prompts, (line.rstrip("\n") for line in sys.stdin))
+    for prompt in prompts:
+        sys.stdout.write(prompt)
+        for piece in generator.stream(prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
