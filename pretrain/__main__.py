@@ -21,6 +21,9 @@ after writing a checkpoint (run the same command again to resume).
 """
 
 
+CKPT_HELP = "a run directory, its checkpoints/ directory (uses 'latest') or one step_* directory"
+
+
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train a model (DeepSpeed engine over megatron-core)",
@@ -65,8 +68,7 @@ def _export_parser(sub) -> argparse.ArgumentParser:
                                    "state dict. --format safetensors keeps our parameter names; "
                                    "--format hf writes config.json + model.safetensors that "
                                    "transformers.MistralForCausalLM.from_pretrained loads.")
-    p.add_argument("--ckpt", required=True,
-                   help="a run directory, its checkpoints/ directory (uses 'latest') or one step_* dir")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
     return p
@@ -76,8 +78,7 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a checkpoint, streamed",
                        description="Load a checkpoint (any ZeRO / tensor-parallel layout, merged into "
                                    "one process) and sample a continuation of each prompt.")
-    p.add_argument("--ckpt", required=True,
-                   help="a run directory, its checkpoints/ directory (uses 'latest') or one step_* dir")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
     p.add_argument("--prompt", help="text to continue")
     p.add_argument("--interactive", action="store_true",
                    help="after --prompt (if any), read one prompt per line from stdin until EOF")

@@ -73,3 +73,15 @@ def session(dataset, tmp_path):
     parallel.setup(cfg)
     yield cfg
     parallel.teardown()
+
+
+def build_model(cfg, seed: int = 0):
+    """The configured model family, vocabulary resolved for the byte tokenizer, seeded init."""
+    import torch
+
+    from model import get_family
+    from pretrain.trainer import resolve_vocab
+
+    resolve_vocab(cfg, 258)
+    torch.manual_seed(seed)
+    return get_family(cfg.model.name).build(cfg.model, cfg.parallel)

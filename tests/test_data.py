@@ -14,17 +14,23 @@ from data_pipeline.tokenizer import ByteTokenizer, tokenizer_from_manifest
 from data_pipeline.verify import verify
 
 
-def read_back(data_dir) -> dict[str, bytes]:
-    """Every document's bytes, decoded from the shards, keyed by source name."""
+def read_ids(data_dir) -> dict[str, np.ndarray]:
+    """Every document's token ids as stored in the shards, keyed by source name."""
     manifest = read_manifest(data_dir)
-    tok = ByteTokenizer()
     out = {}
     for split in manifest["splits"].values():
         docs = [tokens for shard in split["shards"]
-                for _, tokens in iter_shard_documents(data_dir / shard["name"], "uint16")]
+                for _, tokens in iter_shard_documents(data_dir / shard["name"],
+                                                      manifest["tokenizer"]["dtype"])]
         assert len(docs) == len(split["names"]) == split["documents"]
-        out.update({name: tok.decode(t) for name, t in zip(split["names"], docs)})
+        out.update(zip(split["names"], docs))
     return out
+
+
+def read_back(data_dir) -> dict[str, bytes]:
+    """Every document's bytes, decoded from the shards with the dataset's own tokenizer."""
+    tok = tokenizer_from_manifest(read_manifest(data_dir)["tokenizer"], data_dir)
+    return {name: tok.decode(ids) for name, ids in read_ids(data_dir).items()}
 
 
 def test_prepare_round_trip_bytes(dataset, text_corpus):
@@ -229,16 +235,10 @@ def test_sentencepiece_round_trips_the_whole_corpus(tmp_path):
     tok = tokenizer_from_manifest(manifest["tokenizer"], tmp_path / "sp")
     assert tok.vocab_size == 2048
     source = {d.name: d.data for d in docs}
-    back = {}
-    for split in manifest["splits"].values():
-        docs_back = [t for s in split["shards"]
-                     for _, t in iter_shard_documents(tmp_path / "sp" / s["name"],
-                                                      manifest["tokenizer"]["dtype"])]
-        for name, ids in zip(split["names"], docs_back):
-            back[name] = tok.decode(ids)
-            # bits-per-byte denominators are exact: token byte counts add up to the document
-            assert int(tok.bytes_per_token[ids.astype(np.int64)].sum()) == len(source[name])
-    assert back == source
+    assert read_back(tmp_path / "sp") == source
+    for name, ids in read_ids(tmp_path / "sp").items():
+        # bits-per-byte denominators are exact: token byte counts add up to the document
+        assert int(tok.bytes_per_token[ids.astype(np.int64)].sum()) == len(source[name])
     assert manifest["splits"]["train"]["tokens"] < 0.5 * manifest["splits"]["train"]["bytes"]
 
 
@@ -286,10 +286,7 @@ def test_sentencepiece_models_round_trip_and_build_tasks(tmp_path, text_corpus, 
     assert manifest["dropped_not_lossless"] == 0
     source = {str(p.relative_to(text_corpus)): p.read_bytes() for p in text_corpus.rglob("*") if p.is_file()}
     tok = tokenizer_from_manifest(manifest["tokenizer"], tmp_path / "sp")
-    for split in manifest["splits"].values():
-        ids = [t for s in split["shards"]
-               for _, t in iter_shard_documents(tmp_path / "sp" / s["name"], manifest["tokenizer"]["dtype"])]
-        assert {n: tok.decode(t) for n, t in zip(split["names"], ids)} == {n: source[n] for n in split["names"]}
+    assert read_back(tmp_path / "sp") == source
     ex = passkey_examples(tok, 256, depths=(0.5,), per_depth=1)[0]
     start, length = ex.answers[0]
     assert tok.decode(ex.input_ids).decode().endswith(tok.decode(ex.input_ids[start:start + length]).decode())

@@ -1,15 +1,9 @@
 import pytest
 import torch
 
+from conftest import build_model as build
 from model import get_family
 from model.attention import causal_attention
-from pretrain.trainer import resolve_vocab
-
-
-def build(cfg, seed=0):
-    resolve_vocab(cfg, 258)
-    torch.manual_seed(seed)
-    return get_family("mistral").build(cfg.model, cfg.parallel)
 
 
 def test_closed_form_parameter_count_matches_the_model(session):

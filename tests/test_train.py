@@ -5,20 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_config, tiny_overrides
+from conftest import ROOT, build_model, run_cli, tiny_overrides
 from pretrain import checkpoint, parallel
 from pretrain.engine import build_engine
 from pretrain.metrics import read_metrics
-from pretrain.trainer import EXIT_STOPPED, resolve_vocab
+from pretrain.trainer import EXIT_STOPPED
 
 
 def build(cfg, seed):
-    from model import get_family
-
-    resolve_vocab(cfg, 258)
-    torch.manual_seed(seed)
-    model = get_family(cfg.model.name).build(cfg.model, cfg.parallel)
-    return build_engine(cfg, model, parallel.setup(cfg))
+    return build_engine(cfg, build_model(cfg, seed), parallel.setup(cfg))
 
 
 def fixed_batch(seq=64, batch=4):
