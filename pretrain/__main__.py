@@ -16,8 +16,9 @@ examples:
 config keys (sections model, data, parallel, optim, train, log) are listed in configs/*.yaml
 and pretrain/config.py; an unknown key or bad value is an error naming it.
 
-exit status: 0 done; 2 configuration/checkpoint error; 75 stopped by SIGINT/SIGTERM/SIGUSR1
-after writing a checkpoint (run the same command again to resume).
+exit status: 0 done; 2 configuration/data/checkpoint error; 3 diverged (more than
+train.max_skipped_steps updates in a row skipped for non-finite gradients); 75 stopped by
+SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (run the same command again to resume).
 """
 
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.shards import ShardError
 
     from .checkpoint import CheckpointError
+    from .trainer import EXIT_DIVERGED, TrainingDiverged
 
     try:
         if args.verb == "bench":
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 1
 
 

@@ -113,9 +113,11 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0                   # torch intra-op threads; 0 = all cores
     peak_tflops: float = 0.0           # per-device peak for MFU; 0 = a matmul probe at start
+    max_skipped_steps: int = 5         # abort after this many updates in a row skipped as non-finite
 
     def validate(self) -> None:
-        _positive(self, "train", ["steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every"])
+        _positive(self, "train", ["steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every",
+                                  "max_skipped_steps"])
         for key in ("checkpoint_every", "keep_last", "eval_every", "threads", "peak_tflops"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")

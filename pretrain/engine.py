@@ -24,6 +24,22 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that skips an update whose gradients are not all finite and reports it through
+    ``overflow``, the attribute DeepSpeed's engine reads from its fp16 optimizers: the engine then
+    leaves the LR schedule alone and ``was_step_applied()`` is False. Used without ZeRO only:
+    ZeRO's optimizer makes the same check on its partitioned gradients."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; leave norms, biases and other vectors alone (standard practice)."""
     decay, no_decay = [], []
@@ -49,7 +65,8 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     if cfg.optim.grad_clip > 0:
         ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.parallel.dtype == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # ZeRO's optimizer skips an update with a non-finite gradient norm; for bf16 only if asked.
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
     return ds
 
 
@@ -58,11 +75,12 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout):
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
-                                  betas=(o.beta1, o.beta2), eps=o.eps)
+    adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
+    optimizer = adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, layout), mpu=MegatronMpu(),
         dist_init_required=False)
     return engine
+

@@ -3,6 +3,7 @@ checkpoints, and a clean stop on SIGINT / SIGTERM / SIGUSR1."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 import warnings
@@ -20,7 +21,14 @@ from .metrics import RunLogger
 from .throughput import matmul_probe_tflops, peak_memory_mb
 
 EXIT_OK = 0
+EXIT_DIVERGED = 3   # train.max_skipped_steps updates in a row had non-finite gradients
 EXIT_STOPPED = 75   # stopped by a signal after writing a checkpoint: run the same command to resume
+# Fault injection for tests and drills: comma-separated steps whose loss is made NaN.
+NAN_AT_STEPS_ENV = "PRETRAIN_NAN_LOSS_AT_STEPS"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite updates; the message names the setting and what to try."""
 
 for _pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
                  ".*full scope is deprecated.*"):
@@ -124,35 +132,34 @@ def skipped_shards(data: StreamingLoader) -> int:
 
 
 class _Window:
-    """Loss and byte sums since the last log line, kept on device: no host sync per step."""
+    """Loss and byte sums since the last log line, kept on device: no host sync per step.
+    Non-finite micro-batch losses (skipped updates) are left out of the average."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
 
     def reset(self):
-        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.bytes = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, finite, bytes
         self.steps = 0
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, nbytes: torch.Tensor) -> None:
-        self.loss += loss.double()
-        self.bytes += nbytes.to(self.device, non_blocking=True).double()
+        finite = torch.isfinite(loss)
+        self.stats += torch.stack([torch.where(finite, loss, 0).double(), finite.double(),
+                                   nbytes.to(self.device, non_blocking=True).double()])
 
-    def reduce(self) -> tuple[int, float, int, float]:
-        """(steps, mean loss, bytes over all data-parallel ranks, wall seconds); then reset."""
+    def reduce(self) -> tuple[int, float | None, int, float]:
+        """(steps, mean loss or None if none was finite, bytes over all data-parallel ranks,
+        wall seconds); then reset."""
         from megatron.core import parallel_state
 
-        stats = torch.stack([self.loss, self.bytes])
-        group = parallel_state.get_data_parallel_group()
-        dist.all_reduce(stats, group=group)
-        dp = dist.get_world_size(group)
+        stats = self.stats.clone()
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        loss_sum, finite, nbytes = stats.tolist()
         steps, wall = self.steps, time.perf_counter() - self.start
-        loss = stats[0].item() / (dp * max(steps, 1))
-        nbytes = int(stats[1].item())
         self.reset()
-        return steps, loss, nbytes, wall
+        return steps, (loss_sum / finite if finite else None), int(nbytes), wall
 
 
 def train(cfg: RunConfig, resume: str = "auto") -> int:
@@ -225,6 +232,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
         return result
 
     tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * seq
+    nan_steps = {int(x) for x in os.environ.get(NAN_AT_STEPS_ENV, "").split(",") if x.strip()}
+    skipped, skipped_in_a_row = 0, 0
     stop = StopSignal()
     batches = iter(data)
     last_saved = step
@@ -241,9 +250,21 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
                 batch = next(batches)
                 labels = batch["labels"]
                 loss = engine(**model_inputs(batch, layout.device)).mean()
+                if step + 1 in nan_steps:
+                    loss = loss * float("nan")
                 engine.backward(loss)
                 engine.step()
-                window.add(loss.detach() / t.grad_accum, data.target_bytes(labels).sum())
+                window.add(loss.detach(), data.target_bytes(labels).sum())
+            if not engine.was_step_applied():  # non-finite gradients: DeepSpeed skipped the update
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                if skipped_in_a_row > t.max_skipped_steps:
+                    raise TrainingDiverged(
+                        f"{skipped_in_a_row} updates in a row had non-finite gradients (limit "
+                        f"train.max_skipped_steps={t.max_skipped_steps}) at step {step + 1}; the last "
+                        f"checkpoint is {checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None}. "
+                        "Lower optim.lr, raise optim.warmup_steps, or check the data")
+            else:
+                skipped_in_a_row = 0
             step += 1
             tokens += tokens_per_step
             elapsed += time.perf_counter() - t0
@@ -257,14 +278,15 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
                 record = {"step": step, "loss": loss_avg, "lr": engine.get_lr()[0], "tokens": tokens,
                           "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed,
                           "tflops_per_device": tflops, "mfu": tflops / peak_tflops,
-                          "peak_mem_mb": peak_memory_mb(layout.device)}
+                          "peak_mem_mb": peak_memory_mb(layout.device), "skipped_steps": skipped}
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 if d.on_error == "skip":
                     record["data_skipped_shards"] = skipped_shards(data)
                 logger.log(record)
-                logger.advance(steps, {"loss": f"{loss_avg:.3f}", "tok/s": f"{tps:,.0f}",
+                logger.advance(steps, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
+                                       "tok/s": f"{tps:,.0f}",
                                        "mfu": f"{record['mfu']:.0%}"})
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 run_eval(step)

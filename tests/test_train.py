@@ -201,3 +201,27 @@ def test_sigkill_mid_checkpoint_keeps_latest_on_the_previous_one(dataset, tmp_pa
     assert "at step 3" in resumed.stdout + resumed.stderr
     assert losses_by_step(run_dir) == losses_by_step(reference)
     assert not (ckpts / "step_00000006").exists() or (ckpts / "step_00000006" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_nonfinite_updates_are_skipped_counted_and_abort_when_persistent(dataset, tmp_path, zero_stage):
+    from pretrain.trainer import EXIT_DIVERGED, NAN_AT_STEPS_ENV
+
+    extra = {"train.steps": 8, "parallel.zero_stage": zero_stage, "train.max_skipped_steps": 2}
+    clean = tmp_path / "clean"
+    assert run_cli(*train_cmd(dataset, clean, **extra)).returncode == 0
+    run_dir = tmp_path / "nan"
+    result = run_cli(*train_cmd(dataset, run_dir, **extra), env_extra={NAN_AT_STEPS_ENV: "3,4"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
+    assert records[3]["loss"] is None and records[4]["loss"] is None  # not averaged in as NaN
+    assert records[2]["skipped_steps"] == 0 and records[8]["skipped_steps"] == 2
+    reference = losses_by_step(clean)
+    assert records[3]["lr"] == records[4]["lr"]  # the schedule does not advance on a skipped update
+    assert records[2]["loss"] == reference[2]
+    assert all(r["loss"] is not None and r["loss"] < 10 for s, r in records.items() if s > 4)
+    diverged = run_cli(*train_cmd(dataset, tmp_path / "diverged", **extra),
+                       env_extra={NAN_AT_STEPS_ENV: "3,4,5,6"})
+    assert diverged.returncode == EXIT_DIVERGED
+    assert "3 updates in a row" in diverged.stderr and "train.max_skipped_steps=2" in diverged.stderr
+    assert "Traceback" not in diverged.stderr
