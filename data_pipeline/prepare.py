@@ -84,7 +84,7 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
     elif tokenizer == "sentencepiece":
         log(f"training sentencepiece {sp_model_type} ({vocab_size} pieces) on the train split")
         tok = SentencePieceTokenizer.train((d.data for d in split_docs["train"]), vocab_size,
-                                           sp_model_type, seed)
+                                           sp_model_type)
     else:
         raise ValueError(f"unknown tokenizer {tokenizer!r} (allowed: bytes, sentencepiece)")
 
@@ -97,8 +97,7 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
     if isinstance(tok, SentencePieceTokenizer):
         tok.save(tmp)
     manifest = {"version": MANIFEST_VERSION, "sources": [{"source": s, "weight": w} for s, w in specs],
-                "seed": seed, "val_fraction": val_fraction, "tokenizer": tok.describe(), **stats,
-                "splits": {}}
+                "seed": seed, "val_fraction": val_fraction, "tokenizer": tok.describe(), "splits": {}}
     for split, docs in split_docs.items():
         writer = ShardSetWriter(tmp, split, int(shard_mb * 2**20), tok.token_dtype, tok.fingerprint)
         names = []

@@ -70,8 +70,9 @@ class SentencePieceTokenizer:
         self.bytes_per_token = counts
 
     @classmethod
-    def train(cls, documents: Iterable[bytes], vocab_size: int, model_type: str = "bpe",
-              seed: int = 0) -> "SentencePieceTokenizer":
+    def train(cls, documents: Iterable[bytes], vocab_size: int,
+              model_type: str = "bpe") -> "SentencePieceTokenizer":
+        """Deterministic: the input is read in order (no sampling below 2M sentences)."""
         import sentencepiece as spm
 
         def sentences():

@@ -24,6 +24,11 @@ _COLUMN = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")
 _ROW = ("linear_proj.weight", "linear_fc2.weight")
 
 
+def _weights(module_state: dict) -> dict[str, torch.Tensor]:
+    """Our wrapper's state dict -> GPTModel parameter names, megatron's extra state dropped."""
+    return {k.removeprefix("gpt."): v for k, v in module_state.items() if not k.endswith("_extra_state")}
+
+
 def load_shards(ckpt_dir: Path, tag: str) -> list[dict[str, torch.Tensor]]:
     """Module state dict of each TP rank, keys without the 'gpt.' wrapper prefix."""
     files = sorted((ckpt_dir / tag).glob("mp_rank_*_model_states.pt"))
@@ -31,18 +36,14 @@ def load_shards(ckpt_dir: Path, tag: str) -> list[dict[str, torch.Tensor]]:
         raise CheckpointError(f"{ckpt_dir / tag} holds no mp_rank_*_model_states.pt files")
     shards = []
     for f in files:
-        module = torch.load(f, map_location="cpu", weights_only=False)["module"]
-        shards.append({k.removeprefix("gpt."): v for k, v in module.items()
-                       if not k.endswith("_extra_state")})
+        shards.append(_weights(torch.load(f, map_location="cpu", weights_only=False)["module"]))
     if any(v.numel() == 0 for v in shards[0].values()):  # ZeRO-3: weights are partitioned
         if len(shards) > 1:
             raise CheckpointError("exporting a ZeRO-3 checkpoint with tensor parallelism > 1 is "
                                   "not supported; train with parallel.zero_stage <= 2 or tp = 1")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        shards = [{k.removeprefix("gpt."): v for k, v in full.items()
-                   if not k.endswith("_extra_state")}]
+        shards = [_weights(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))]
     return shards
 
 

@@ -80,9 +80,8 @@ def dataset_tokenizer(cfg: RunConfig) -> dict:
 def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
     """model.vocab_size 0 -> the tokenizer's, padded to a multiple of 128. The padding must not
     depend on the layout: a TP=2 run has to be the same model as a TP=1 run."""
-    multiple = VOCAB_MULTIPLE
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = -(-tokenizer_vocab // multiple) * multiple
+        cfg.model.vocab_size = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     elif cfg.model.vocab_size < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset "
                           f"tokenizer's vocabulary ({tokenizer_vocab}); use 0 to take it from the data")
