@@ -190,12 +190,14 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     model = family.build(cfg.model, cfg.parallel).to(layout.device)
     engine = build_engine(cfg, model, layout)
 
-    step, tokens, nbytes, elapsed = 0, 0, 0, 0.0
+    step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
     source = checkpoint.resolve(resume, run_dir)
     if source is not None:
         client, extra = checkpoint.load(engine, source[0], source[1], layout.world_size)
         step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
                                          client["elapsed_s"])
+        skipped = client.get("nonfinite_skipped_steps", 0)
+        skipped_in_a_row = client.get("nonfinite_in_a_row", 0)
         if client.get("tokenizer") != tokenizer.get("fingerprint"):
             raise checkpoint.CheckpointError(
                 f"{source[0] / source[1]} was trained on tokenizer {client.get('tokenizer')!r}, but "
@@ -219,6 +221,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
 
     def save(at_step: int) -> None:
         client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed,
+                  # not "skipped_steps": DeepSpeed keeps a key of that name for itself
+                  "nonfinite_skipped_steps": skipped, "nonfinite_in_a_row": skipped_in_a_row,
                   "tokenizer": tokenizer.get("fingerprint")}
         extra = {"data": data.state_dict(), "rng": checkpoint.rng_state()}
         path = checkpoint.save(engine, ckpt_dir, at_step, client, extra, cfg, t.keep_last)
@@ -232,7 +236,6 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
 
     tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * seq
     nan_steps = {int(x) for x in os.environ.get(NAN_AT_STEPS_ENV, "").split(",") if x.strip()}
-    skipped, skipped_in_a_row = 0, 0
     stop = StopSignal()
     batches = iter(data)
     last_saved = step

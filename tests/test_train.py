@@ -225,3 +225,22 @@ def test_nonfinite_updates_are_skipped_counted_and_abort_when_persistent(dataset
     assert diverged.returncode == EXIT_DIVERGED
     assert "3 updates in a row" in diverged.stderr and "train.max_skipped_steps=2" in diverged.stderr
     assert "Traceback" not in diverged.stderr
+
+
+def test_skipped_step_count_survives_resume(dataset, tmp_path):
+    import shutil
+
+    from pretrain.trainer import NAN_AT_STEPS_ENV
+
+    extra = {"train.steps": 8, "train.checkpoint_every": 4, "train.keep_last": 0}
+    run_dir = tmp_path / "run"
+    nan = {NAN_AT_STEPS_ENV: "3"}
+    assert run_cli(*train_cmd(dataset, run_dir, **extra), env_extra=nan).returncode == 0
+    uninterrupted = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
+    ckpts = run_dir / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000008")
+    (ckpts / "latest").write_text("step_00000004")  # as if stopped after step 4
+    assert run_cli(*train_cmd(dataset, run_dir, **extra), env_extra=nan).returncode == 0
+    resumed = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
+    assert [r["skipped_steps"] for r in resumed] == [r["skipped_steps"] for r in uninterrupted]
+    assert resumed[-1]["skipped_steps"] == 1
