@@ -6,7 +6,9 @@ Upstream has no CPU path; the failures and fixes are listed in ../shared/FINDING
 2. ``torch.cuda.current_device()`` picks buffer devices (RoPE, GlobalMemoryBuffer, p2p)
    -> it answers "cpu" on a machine without CUDA;
 3. pipeline schedules allocate ``device="cuda"`` tensors -> ``cuda_to_cpu()`` remaps them,
-   entered only around the schedules (a TorchFunctionMode costs a little on every op).
+   entered only around the schedules (a TorchFunctionMode costs a little on every op);
+4. activation recomputation saves and restores the CUDA RNG state -> there is none to keep
+   (the CPU generator and the tracker's states are still saved and restored).
 Nothing here is installed when CUDA is available.
 """
 from __future__ import annotations
@@ -85,6 +87,8 @@ def install_cpu_shim(seed: int, tp_rank: int = 0) -> None:
 
     if not _installed:
         torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+        mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+        mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
         _installed = True
     tracker = CpuRNGStatesTracker()
     # Same offsets as megatron's model_parallel_cuda_manual_seed: TP ranks differ, DP ranks agree.

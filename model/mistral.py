@@ -49,14 +49,46 @@ def transformer_config(cfg: ModelConfig, par: ParallelConfig):
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        batch_p2p_comm=on_gpu,             # the batched path calls torch.cuda.synchronize
+        # Activation checkpointing: keep each layer's input, recompute the layer in backward.
+        recompute_granularity="full" if par.recompute else None,
+        recompute_method="uniform" if par.recompute else None,
+        recompute_num_layers=1 if par.recompute else None,
+        sequence_parallel=par.sequence_parallel,
     )
 
 
-def layer_spec(cfg: ModelConfig):
+def _seeded_layer_class():
+    """megatron's TransformerLayer, initialized from (seed, global layer number) alone.
+
+    megatron draws every layer's initial weights from one RNG stream in construction order, so
+    the second pipeline stage would start where the first stage's stream starts and get other
+    weights than in a one-stage run. Reseeding per layer makes the initial model independent of
+    the layout: PP=2 trains the same model as PP=1 (and as TP=2: CPU init splits full tensors).
+    The output layer, built after the last layer, then also draws the same numbers everywhere."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import (TransformerLayer,
+                                                             get_transformer_layer_offset)
+
+    class SeededTransformerLayer(TransformerLayer):
+        def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0,
+                     **kwargs):
+            pp_rank = (parallel_state.get_pipeline_model_parallel_rank()
+                       if parallel_state.model_parallel_is_initialized() else 0)
+            global_number = layer_number + get_transformer_layer_offset(config, None, pp_rank)
+            torch.manual_seed((init_seed * 1_000_003 + global_number) % 2**63)
+            super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+    return SeededTransformerLayer
+
+
+def layer_spec(cfg: ModelConfig, init_seed: int = 0):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.module = _seeded_layer_class()
+    spec.params = {**spec.params, "init_seed": init_seed}
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SlidingWindowCoreAttention,
         params={"sliding_window": cfg.sliding_window, "backend": cfg.attention_backend})
@@ -65,16 +97,24 @@ def layer_spec(cfg: ModelConfig):
 
 class MistralLM(nn.Module):
     """``forward(input_ids [b, s], labels [b, s], segment_ids [b, s] | None) -> per-token loss
-    [b, s]`` (nats, fp32)."""
+    [b, s]`` (nats, fp32).
+
+    Under pipeline parallelism this rank holds one stage: the first embeds, the last computes the
+    loss, the others return hidden states; megatron's schedule feeds each stage its input through
+    ``set_input_tensor``. Initial weights depend on the torch seed only, not on the layout."""
 
     def __init__(self, cfg: ModelConfig, par: ParallelConfig):
         super().__init__()
+        from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
 
+        staged = parallel_state.model_parallel_is_initialized()
         self.cfg = cfg
         self.gpt = GPTModel(
             config=transformer_config(cfg, par),
-            transformer_layer_spec=layer_spec(cfg),
+            transformer_layer_spec=layer_spec(cfg, init_seed=torch.initial_seed()),
+            pre_process=parallel_state.is_pipeline_first_stage() if staged else True,
+            post_process=parallel_state.is_pipeline_last_stage() if staged else True,
             vocab_size=cfg.vocab_size,
             max_sequence_length=cfg.seq_length,
             share_embeddings_and_output_weights=cfg.tie_embeddings,
@@ -82,6 +122,11 @@ class MistralLM(nn.Module):
             rotary_base=int(cfg.rope_theta),
         )
         self.register_buffer("position_ids", torch.arange(cfg.seq_length)[None], persistent=False)
+        # What megatron's pipeline schedules look up on the model they drive.
+        self.config, self.model_type = self.gpt.config, self.gpt.model_type
+
+    def set_input_tensor(self, tensor) -> None:
+        self.gpt.set_input_tensor(tensor)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -101,7 +101,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, extra: dict, cfg
     dist.barrier()
     if rank == 0:
         save_config(cfg, ckpt_dir / tag / "config.yaml")
-        (ckpt_dir / tag / COMPLETE).write_text(f"world_size={dist.get_world_size()}\n")
+        (ckpt_dir / tag / COMPLETE).write_text(layout_of(cfg, dist.get_world_size()) + "\n")
         _atomic_write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, current=tag)
     dist.barrier()
@@ -135,13 +135,21 @@ def resolve(resume: str, run_dir: Path) -> tuple[Path, str] | None:
                           f"complete checkpoint directory (no {COMPLETE})")
 
 
-def load(engine, ckpt_dir: Path, tag: str, world_size: int) -> tuple[dict, dict]:
-    """Load engine state (model, optimizer, LR schedule); return (client_state, this rank's extra)."""
-    saved_world = (ckpt_dir / tag / COMPLETE).read_text().strip()
-    if saved_world != f"world_size={world_size}":
-        raise CheckpointError(f"{ckpt_dir / tag} was written with {saved_world.replace('_', ' ')}; "
-                              f"this run has world size {world_size}. Resume with the same layout "
-                              "(resharding lands with the distributed-training issue).")
+def layout_of(cfg: RunConfig, world_size: int) -> str:
+    """What a checkpoint's shards depend on; recorded in its COMPLETE marker."""
+    p = cfg.parallel
+    return f"world_size={world_size} tp={p.tp} pp={p.pp} zero_stage={p.zero_stage}"
+
+
+def load(engine, ckpt_dir: Path, tag: str, layout: str) -> tuple[dict, dict]:
+    """Load engine state (model, optimizer, LR schedule); return (client_state, this rank's extra).
+    ``layout`` is ``layout_of`` for this run: resharding is not supported, a mismatch is an error."""
+    saved = (ckpt_dir / tag / COMPLETE).read_text().strip()
+    if saved != layout:
+        raise CheckpointError(
+            f"{ckpt_dir / tag} was written with layout [{saved}], this run has [{layout}]; "
+            "resharding on resume is not supported: resume with the checkpoint's layout "
+            "(`python -m pretrain export` consolidates its weights for any other use)")
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:

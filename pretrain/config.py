@@ -71,11 +71,20 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 1
     dtype: Literal["fp32", "bf16"] = "fp32"
+    recompute: bool = False            # activation checkpointing: recompute each layer in backward
+    sequence_parallel: bool = False    # megatron sequence parallelism (needs tp > 1 and CUDA)
 
     def validate(self) -> None:
         _positive(self, "parallel", ["tp", "pp"])
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is invalid (allowed: 0, 1, 2, 3)")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.pp={self.pp} needs parallel.zero_stage 0 or 1, not {self.zero_stage}: "
+                "ZeRO-2/3 partition gradients inside DeepSpeed's backward, which a pipeline schedule "
+                "bypasses (DeepSpeed's own pipeline engine has the same limit)")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
 
 
 @dataclass

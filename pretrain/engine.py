@@ -28,13 +28,25 @@ class SkippingAdamW(torch.optim.AdamW):
     """AdamW that skips an update whose gradients are not all finite and reports it through
     ``overflow``, the attribute DeepSpeed's engine reads from its fp16 optimizers: the engine then
     leaves the LR schedule alone and ``was_step_applied()`` is False. Used without ZeRO only:
-    ZeRO's optimizer makes the same check on its partitioned gradients."""
+    ZeRO's optimizer makes the same check on its partitioned gradients. Tensor and pipeline
+    ranks hold different parameters, so they agree on the verdict over megatron's model-parallel
+    group (data-parallel ranks already share reduced gradients)."""
 
     overflow = False
 
     def step(self, closure=None):
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.zeros((), device=device)
+        if grads:
+            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
+        group = parallel_state.get_model_parallel_group(check_initialized=False)
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        self.overflow = bool(bad.item())
         if self.overflow:
             return None
         return super().step(closure)

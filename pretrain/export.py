@@ -1,8 +1,8 @@
 """Checkpoint -> one consolidated state dict: ``safetensors`` (our parameter names, TP merged)
 or ``hf`` (config.json + model.safetensors that transformers' MistralForCausalLM loads).
 
-DeepSpeed writes one ``mp_rank_XX_model_states.pt`` per tensor-parallel rank; under ZeRO 0-2
-each holds that rank's full module weights. Under ZeRO-3 those are empty placeholders and the
+DeepSpeed writes one ``mp_rank_XX_model_states.pt`` per model-parallel rank, XX = pipeline
+stage x TP size + TP rank; under ZeRO 0-2 each holds that rank's full module weights. Under ZeRO-3 those are empty placeholders and the
 weights live in the partitioned optimizer files, consolidated with DeepSpeed's zero_to_fp32
 (which handles one TP rank; ZeRO-3 with TP > 1 is refused).
 
@@ -10,10 +10,15 @@ Merging TP shards follows megatron's layers: column-parallel weights (fused QKV,
 vocab-parallel embedding and output layer) are split on dim 0, row-parallel ones (attention
 output projection, fc2) on dim 1, norms are replicated. fc1 holds [gate; up] per rank, so its
 halves are merged separately. The fused QKV is laid out per KV group as [q heads, k, v].
+Pipeline stages hold consecutive layers numbered from 0 on each stage: they are renumbered
+(stage x layers per stage + local index); the first stage holds the embedding, the last the
+final norm and output layer.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import re
 
 import torch
 
@@ -30,7 +35,7 @@ def _weights(module_state: dict) -> dict[str, torch.Tensor]:
 
 
 def load_shards(ckpt_dir: Path, tag: str) -> list[dict[str, torch.Tensor]]:
-    """Module state dict of each TP rank, keys without the 'gpt.' wrapper prefix."""
+    """Module state dict of each model-parallel rank, keys without the 'gpt.' wrapper prefix."""
     files = sorted((ckpt_dir / tag).glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"{ckpt_dir / tag} holds no mp_rank_*_model_states.pt files")
@@ -63,6 +68,30 @@ def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, to
         else:
             merged[key] = parts[0].clone()  # replicated (norms)
     return merged
+
+
+def _renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
+    def rename(key: str) -> str:
+        return re.sub(r"^decoder\.layers\.(\d+)\.",
+                      lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", key)
+    return {rename(k): v for k, v in state.items()}
+
+
+def consolidate(ckpt_dir: Path, tag: str, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from a checkpoint of any layout (TP merged, stages joined)."""
+    shards = load_shards(ckpt_dir, tag)
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if len(shards) not in (tp * pp, 1):
+        raise CheckpointError(f"{ckpt_dir / tag} holds {len(shards)} model-parallel shards, but its "
+                              f"config says tp={tp} x pp={pp}")
+    if len(shards) == 1:
+        return merge_tensor_parallel(shards)
+    per_stage = cfg.model.num_layers // pp
+    state: dict[str, torch.Tensor] = {}
+    for stage in range(pp):
+        merged = merge_tensor_parallel(shards[stage * tp:(stage + 1) * tp])
+        state.update(_renumber_layers(merged, stage * per_stage))
+    return state
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -124,7 +153,7 @@ def export(ckpt: str, out: str, fmt: str = "safetensors") -> Path:
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     if cfg.model.name != "mistral" and fmt == "hf":
         raise CheckpointError(f"--format hf is defined for the mistral baseline, not {cfg.model.name}")
-    state = merge_tensor_parallel(load_shards(ckpt_dir, tag))
+    state = consolidate(ckpt_dir, tag, cfg)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":

@@ -18,7 +18,7 @@ from data_pipeline.tokenizer import tokenizer_from_manifest
 from data_pipeline.shards import read_manifest
 
 from .config import load_config
-from .export import load_shards, locate, merge_tensor_parallel
+from .export import consolidate, locate
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -46,12 +46,14 @@ class Generator:
 
         ckpt_dir, tag = locate(ckpt)
         self.cfg = load_config(ckpt_dir / tag / "config.yaml")
-        self.cfg.parallel.tp, self.cfg.parallel.pp = 1, 1
+        state = consolidate(ckpt_dir, tag, self.cfg)
+        # One process holds the whole model: no model parallelism, nothing to recompute.
+        self.cfg.parallel.tp, self.cfg.parallel.pp, self.cfg.parallel.zero_stage = 1, 1, 0
+        self.cfg.parallel.sequence_parallel = self.cfg.parallel.recompute = False
         data_dir = Path(self.cfg.data.path)
         self.tokenizer = tokenizer_from_manifest(read_manifest(data_dir)["tokenizer"], data_dir)
         parallel.setup(self.cfg)
         self.model = get_family(self.cfg.model.name).build(self.cfg.model, self.cfg.parallel)
-        state = merge_tensor_parallel(load_shards(ckpt_dir, tag))
         self.model.load_state_dict({"gpt." + k: v for k, v in state.items()})
         self.model.eval()
 

@@ -63,9 +63,9 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(f"parallel.tp={tp} must divide model.vocab_size={m.vocab_size}")
     if m.num_layers % pp:
         raise ConfigError(f"parallel.pp={pp} must divide model.num_layers={m.num_layers}")
-    if pp > 1:
-        raise ConfigError("parallel.pp > 1 needs megatron's pipeline schedules, which the "
-                          "trainer does not drive yet (distributed-training issue); use parallel.pp=1")
+    if cfg.parallel.sequence_parallel and not torch.cuda.is_available():
+        raise ConfigError("parallel.sequence_parallel=true needs CUDA: megatron's sequence-parallel "
+                          "reduce-scatter has no gloo implementation; leave it false on CPU")
     return world_size // (tp * pp)
 
 
@@ -109,19 +109,26 @@ def teardown() -> None:
 
 
 class MegatronMpu:
-    """The ``mpu`` interface DeepSpeed expects, answered by megatron's parallel_state."""
+    """The ``mpu`` interface DeepSpeed expects, answered by megatron's parallel_state.
+
+    DeepSpeed's "model parallel" is megatron's TP x PP group: gradient norms are summed over it,
+    and its rank names the checkpoint files, ``mp_rank_{pp_rank * tp + tp_rank:02d}``, so that
+    pipeline stages do not overwrite each other. Tensor-parallel queries pass through."""
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        from megatron.core import parallel_state as ps
+
+        return (ps.get_pipeline_model_parallel_rank() * ps.get_tensor_model_parallel_world_size()
+                + ps.get_tensor_model_parallel_rank())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
 
     def __getattr__(self, name):
         from megatron.core import parallel_state as ps
 
-        aliases = {
-            "get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
-            "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
-            "get_model_parallel_group": ps.get_tensor_model_parallel_group,
-            "get_data_parallel_rank": ps.get_data_parallel_rank,
-            "get_data_parallel_world_size": ps.get_data_parallel_world_size,
-            "get_data_parallel_group": ps.get_data_parallel_group,
-        }
-        if name in aliases:
-            return aliases[name]
         return getattr(ps, name)

@@ -18,6 +18,7 @@ from data_pipeline.shards import read_manifest
 from . import checkpoint
 from .config import ConfigError, RunConfig, save_config
 from .metrics import RunLogger
+from .steps import eval_losses, train_step
 from .throughput import matmul_probe_tflops, peak_memory_mb
 
 EXIT_OK = 0
@@ -87,13 +88,6 @@ def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
                           f"tokenizer's vocabulary ({tokenizer_vocab}); use 0 to take it from the data")
 
 
-def model_inputs(batch: dict, device: torch.device) -> dict:
-    inputs = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
-    if "segment_ids" in batch:
-        inputs["segment_ids"] = batch["segment_ids"].to(device)
-    return inputs
-
-
 @torch.no_grad()
 def evaluate(engine, cfg: RunConfig, layout) -> dict:
     """Validation loss (nats/token) and bits per byte over the first train.eval_batches batches
@@ -109,8 +103,8 @@ def evaluate(engine, cfg: RunConfig, layout) -> dict:
         if i % layout.dp != layout.dp_rank:
             continue
         labels = batch["labels"]
-        token_loss = engine(**model_inputs(batch, layout.device))
-        totals += torch.stack([token_loss.double().sum().cpu(), torch.tensor(labels.numel()),
+        nll = eval_losses(engine, batch, layout.device, pipelined=layout.pp > 1)
+        totals += torch.stack([nll.cpu(), torch.tensor(labels.numel()),
                                loader.target_bytes(labels).sum()]).double()
     engine.train()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
@@ -193,7 +187,8 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
     source = checkpoint.resolve(resume, run_dir)
     if source is not None:
-        client, extra = checkpoint.load(engine, source[0], source[1], layout.world_size)
+        client, extra = checkpoint.load(engine, source[0], source[1],
+                                        checkpoint.layout_of(cfg, layout.world_size))
         step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
                                          client["elapsed_s"])
         skipped = client.get("nonfinite_skipped_steps", 0)
@@ -211,7 +206,7 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     logger = RunLogger(cfg, run_dir, layout.is_main, step)
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}")
-    n_params = sum(p.numel() for p in model.parameters()) * layout.tp
+    n_params = family.parameter_count(cfg.model)
     logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
                  f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
                  f"| {cfg.parallel.dtype} | run dir {run_dir}")
@@ -248,15 +243,11 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
             run_eval(0)
         while step < t.steps:
             t0 = time.perf_counter()
-            for _ in range(t.grad_accum):
-                batch = next(batches)
-                labels = batch["labels"]
-                loss = engine(**model_inputs(batch, layout.device)).mean()
-                if step + 1 in nan_steps:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                engine.step()
-                window.add(loss.detach(), data.target_bytes(labels).sum())
+            micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            losses = train_step(engine, micro_batches, layout.device, pipelined=layout.pp > 1,
+                                poison=step + 1 in nan_steps)
+            for loss, batch in zip(losses, micro_batches):
+                window.add(loss, data.target_bytes(batch["labels"]).sum())
             if not engine.was_step_applied():  # non-finite gradients: DeepSpeed skipped the update
                 skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                 if skipped_in_a_row > t.max_skipped_steps:

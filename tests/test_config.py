@@ -78,3 +78,12 @@ def test_dry_run_rejects_impossible_layout():
     result = run_cli("-m", "pretrain", "train", "--config", str(ROOT / "configs" / "mistral_7b.yaml"),
                      "--dry-run", "--world-size", "12")
     assert result.returncode == 2 and "world size 12" in result.stderr
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.pp=2 needs parallel.zero_stage 0 or 1"),
+    (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tp > 1"),
+])
+def test_parallel_options_that_cannot_work_are_refused(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, sets)

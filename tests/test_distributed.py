@@ -13,22 +13,37 @@ def torchrun(nproc: int, args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(dataset, tmp_path_factory):
+def single_process_run(dataset, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     result = run_cli(*train_cmd(dataset, run_dir))
     assert result.returncode == 0, result.stderr[-2000:]
-    return losses_by_step(run_dir)
+    return run_dir
 
 
-def test_tensor_parallel_matches_one_process(dataset, tmp_path, single_process_losses):
-    """TP=2 splits every layer over two ranks; the model and its data are those of TP=1."""
+@pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.pp": 2}],
+                         ids=["tp2", "pp2"])
+def test_model_parallel_matches_one_process(dataset, tmp_path, single_process_run, layout):
+    """TP=2 splits every layer over two ranks; PP=2 puts one layer on each rank, driven by
+    megatron's pipeline schedule. The model, its initial weights and its data are those of one
+    process: same per-step losses, and the exported weights agree after training."""
+    from safetensors.torch import load_file
+
     run_dir = tmp_path / "run"
-    result = torchrun(2, train_cmd(dataset, run_dir, **{"parallel.tp": 2}))
+    result = torchrun(2, train_cmd(dataset, run_dir, **layout))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    losses = losses_by_step(run_dir)
-    assert sorted(losses) == sorted(single_process_losses)
-    for step, loss in single_process_losses.items():
+    expected, losses = losses_by_step(single_process_run), losses_by_step(run_dir)
+    assert sorted(losses) == sorted(expected)
+    for step, loss in expected.items():
         assert losses[step] == pytest.approx(loss, abs=1e-5), step
+    weights = []
+    for src in (single_process_run, run_dir):
+        out = tmp_path / f"export_{src.name}"
+        done = run_cli("-m", "pretrain", "export", "--ckpt", str(src), "--out", str(out))
+        assert done.returncode == 0, done.stderr[-2000:]
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert sorted(weights[0]) == sorted(weights[1])
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=1e-4, rtol=0, msg=name)
 
 
 def test_data_parallel_ranks_train_on_disjoint_data(dataset, tmp_path):
@@ -46,14 +61,15 @@ def test_data_parallel_ranks_train_on_disjoint_data(dataset, tmp_path):
     assert positions[0] != positions[1]  # each rank reads its own shards
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_resume_with_two_ranks_is_exact(dataset, tmp_path, stage):
+@pytest.mark.parametrize("stage, pp", [(1, 1), (2, 1), (3, 1), (1, 2)],
+                         ids=["zero1", "zero2", "zero3", "zero1-pp2"])
+def test_zero_stage_resume_with_two_ranks_is_exact(dataset, tmp_path, stage, pp):
     """10 uninterrupted steps vs. stopping after step 5 (its checkpoint is then `latest`) and
     resuming: steps 6-10 give the same losses, data order included (each rank has a worker)."""
     import shutil
 
-    extra = {"parallel.zero_stage": stage, "train.steps": 10, "train.checkpoint_every": 5,
-             "train.keep_last": 0, "data.num_workers": 1}
+    extra = {"parallel.zero_stage": stage, "parallel.pp": pp, "train.steps": 10,
+             "train.checkpoint_every": 5, "train.keep_last": 0, "data.num_workers": 1}
     run_dir = tmp_path / "run"
     full = torchrun(2, train_cmd(dataset, run_dir, **extra))
     assert full.returncode == 0, (full.stdout + full.stderr)[-3000:]

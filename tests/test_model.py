@@ -71,3 +71,20 @@ def test_training_flops_formula(session):
     assert get_family("mistral").training_flops_per_token(cfg.model) == expected
     cfg.model.sliding_window = 1024  # the window bounds the attended context
     assert get_family("mistral").training_flops_per_token(cfg.model) == expected - 12 * 32 * 4096 * 3072
+
+
+def test_activation_recompute_reruns_layers_and_keeps_gradients(session):
+    """parallel.recompute: each layer runs again in backward (megatron's checkpointing, through
+    the CPU RNG shim); the gradients are those of the plain model."""
+    plain = build(session, seed=3)
+    session.parallel.recompute = True
+    recomputed = build(session, seed=3)
+    calls = []
+    for layer in recomputed.gpt.decoder.layers:
+        layer.mlp.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(4))
+    for model in (plain, recomputed):
+        model(ids, ids.roll(-1, 1)).mean().backward()
+    assert len(calls) == 2 * session.model.num_layers  # forward, then again in backward
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-6, msg=name)

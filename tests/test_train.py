@@ -35,7 +35,7 @@ def test_steps_on_a_fixed_batch_lower_the_loss(session, zero_stage):
     session.optim.warmup_steps = 0
     engine = build(session, seed=0)
     inputs, labels = fixed_batch()
-    losses = [step(engine, inputs, labels) for _ in range(12)]
+    losses = [step(engine, inputs, labels) for _ in range(20)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -51,7 +51,8 @@ def test_checkpoint_restores_parameters_and_optimizer_state(session, tmp_path):
 
     other = build(session, seed=99)  # different init: loading must overwrite everything
     assert not all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), other.module.parameters()))
-    client, loaded_extra = checkpoint.load(other, ckpt, "step_00000003", world_size=1)
+    client, loaded_extra = checkpoint.load(other, ckpt, "step_00000003",
+                                           checkpoint.layout_of(session, 1))
     assert client["step"] == 3 and loaded_extra["data"] == {"anything": 1}
     for a, b in zip(engine.module.parameters(), other.module.parameters()):
         assert torch.equal(a, b)
@@ -63,6 +64,9 @@ def test_checkpoint_restores_parameters_and_optimizer_state(session, tmp_path):
     assert other.lr_scheduler.state_dict() == engine.lr_scheduler.state_dict()
     # Continuing from either gives the same next update.
     assert step(engine, inputs, labels) == step(other, inputs, labels)
+    session.parallel.zero_stage = 0  # another layout: refused, naming both
+    with pytest.raises(checkpoint.CheckpointError, match=r"zero_stage=1\].*zero_stage=0\]"):
+        checkpoint.load(other, ckpt, "step_00000003", checkpoint.layout_of(session, 1))
 
 
 def _tensors(obj):
