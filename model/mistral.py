@@ -82,14 +82,16 @@ def _seeded_layer_class():
     return SeededTransformerLayer
 
 
-def layer_spec(cfg: ModelConfig, init_seed: int = 0):
+def layer_spec(cfg: ModelConfig, init_seed: int = 0, core_attention=None):
+    """megatron's local GPT layer (RMSNorm, SwiGLU) with our core attention: the sliding-window
+    baseline unless a variant passes its own ``ModuleSpec``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.module = _seeded_layer_class()
     spec.params = {**spec.params, "init_seed": init_seed}
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+    spec.submodules.self_attention.submodules.core_attention = core_attention or ModuleSpec(
         module=SlidingWindowCoreAttention,
         params={"sliding_window": cfg.sliding_window, "backend": cfg.attention_backend})
     return spec
@@ -103,16 +105,17 @@ class MistralLM(nn.Module):
     loss, the others return hidden states; megatron's schedule feeds each stage its input through
     ``set_input_tensor``. Initial weights depend on the torch seed only, not on the layout."""
 
-    def __init__(self, cfg: ModelConfig, par: ParallelConfig):
+    def __init__(self, cfg: ModelConfig, par: ParallelConfig, core_attention=None):
         super().__init__()
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
 
         staged = parallel_state.model_parallel_is_initialized()
         self.cfg = cfg
+        self.init_seed = torch.initial_seed()
         self.gpt = GPTModel(
             config=transformer_config(cfg, par),
-            transformer_layer_spec=layer_spec(cfg, init_seed=torch.initial_seed()),
+            transformer_layer_spec=layer_spec(cfg, self.init_seed, core_attention),
             pre_process=parallel_state.is_pipeline_first_stage() if staged else True,
             post_process=parallel_state.is_pipeline_last_stage() if staged else True,
             vocab_size=cfg.vocab_size,
@@ -137,7 +140,13 @@ class MistralLM(nn.Module):
         blocked = None
         if segment_ids is not None:
             blocked = (segment_ids[:, None, :, None] != segment_ids[:, None, None, :])
-        return self.gpt(input_ids, positions, blocked, labels=labels)
+        return self.gpt(input_ids, positions, blocked, labels=labels,
+                        decoder_input=self.embed(input_ids, positions))
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Decoder input ``[s, b, h]`` for variants that add to the token embedding; None lets
+        megatron embed (and is required on pipeline stages after the first)."""
+        return None
 
 
 def parameter_count(cfg: ModelConfig) -> int:

@@ -23,8 +23,15 @@ def _mistral() -> ModelFamily:
                        "Mistral baseline (megatron-core GPTModel, sliding-window GQA)")
 
 
+def _fim_mistral() -> ModelFamily:
+    from . import fim_mistral
+    return ModelFamily(fim_mistral.build, fim_mistral.parameter_count,
+                       fim_mistral.training_flops_per_token,
+                       "FIM-Mistral (local + hierarchical summaries + routed blocks attention)")
+
+
 # Lazy factories keep `import model` cheap (megatron-core imports take seconds).
-_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"mistral": _mistral}
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"mistral": _mistral, "fim_mistral": _fim_mistral}
 
 
 def names() -> list[str]:

@@ -60,6 +60,42 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     d.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
     d.add_argument("--seconds", type=float, default=5.0, help="timed seconds per run (default 5)")
+    a = what.add_parser("attention", help="fwd+bwd time and memory vs sequence length: dense, "
+                                          "sliding window, FIM",
+                        description="Times forward+backward of dense causal SDPA, the baseline's "
+                                    "sliding-window attention and FIM attention at N = 2^k from "
+                                    "--min-n to --max-n (each point in a fresh process), fits "
+                                    "time ~ N^exponent over --fit-range, writes OUT/results.json "
+                                    "and OUT/attention_scaling.png.")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--min-n", type=int, default=1024, help="smallest sequence length (default 1024)")
+    a.add_argument("--max-n", type=int, default=32768, help="largest sequence length (default 32768)")
+    a.add_argument("--fit-range", type=int, nargs=2, default=[4096, 16384], metavar=("LO", "HI"),
+                   help="N range of the exponent fit (default 4096 16384)")
+    a.add_argument("--repeats", type=int, default=3, help="timed calls per point, median (default 3)")
+    a.add_argument("--memory-gb", type=float, default=16.0,
+                   help="skip points estimated to need more memory (default 16)")
+    a.add_argument("--methods", nargs="+", default=["dense", "sliding_window", "fim"],
+                   choices=["dense", "sliding_window", "fim"])
+    for name, default, text in (("batch", 1, "batch size"), ("heads", 8, "query heads"),
+                                ("kv-heads", 2, "key/value heads"), ("head-dim", 64, "head dim"),
+                                ("window", 4096, "sliding window"), ("block", 64, "FIM leaf block"),
+                                ("branching", 4, "FIM branching"), ("top-k", 2, "FIM routed blocks")):
+        a.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
+    a.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return p
+
+
+def _inspect_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("inspect-attention", help="PNG of a FIM checkpoint's attention on a text",
+                       description="Runs a fim_mistral checkpoint on --text and plots the attention "
+                                   "mass per branch and level in every layer, one layer's weight "
+                                   "map over tokens and summary units, and the routed blocks; "
+                                   "writes OUT (PNG) and the numbers beside it (OUT with .json).")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--text", required=True, help="text to run (truncated to model.seq_length tokens)")
+    p.add_argument("--out", default="attention.png", help="PNG path (default attention.png)")
+    p.add_argument("--layer", type=int, default=None, help="layer for the weight map (default: last)")
     return p
 
 
@@ -124,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _export_parser(sub)
     _generate_parser(sub)
+    _inspect_parser(sub)
     args = parser.parse_args(argv)
     if args.verb == "generate" and args.prompt is None and not args.interactive:
         parser.error("generate needs --prompt TEXT and/or --interactive")
@@ -134,10 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import EXIT_DIVERGED, TrainingDiverged
 
     try:
+        if args.verb == "bench" and args.what == "attention":
+            from .bench import attention
+            shape = attention.Shape(args.batch, args.heads, args.kv_heads, args.head_dim, args.window,
+                                    args.block, args.branching, args.top_k, args.dtype)
+            attention.run(args.out, args.min_n, args.max_n, shape, args.repeats, args.memory_gb,
+                          tuple(args.methods), tuple(args.fit_range))
+            return 0
         if args.verb == "bench":
             from .bench import data as bench_data
             bench_data.run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
             return 0
+        if args.verb == "inspect-attention":
+            from .inspect_attention import main as inspect_main
+            return inspect_main(args)
         if args.verb == "generate":
             from .generate import main as generate_main
             return generate_main(args)

@@ -19,6 +19,57 @@ class ConfigError(ValueError):
     """A user-fixable configuration problem; the message names the key."""
 
 
+FIM_BRANCHES = ("local", "hierarchical", "routed")
+
+
+@dataclass
+class FimLayerConfig:
+    """One layer's overrides of the model-wide FIM settings (unset keys: the model-wide value)."""
+    block_size: Optional[int] = None
+    branching: Optional[int] = None
+    levels: Optional[int] = None
+    top_k: Optional[int] = None
+    branches: Optional[str] = None
+
+
+@dataclass
+class FimConfig:
+    """FIM attention (model.name=fim_mistral): see model/fim_attention.py for the definitions."""
+    block_size: int = 32               # B: leaf block, attended exactly (causally)
+    branching: int = 2                 # b: children per unit of the hierarchy
+    levels: int = -1                   # hierarchical levels; -1: enough to cover seq_length
+    top_k: int = 2                     # routed leaf blocks per query block
+    branches: str = "local,hierarchical,routed"  # comma-separated subset; local is required
+    pooling: Literal["mean"] = "mean"  # how a unit's keys/values are summarized
+    position_embedding: bool = True    # learned embedding per fractal coordinate level, beside RoPE
+    layers: list[FimLayerConfig] = field(default_factory=list)  # per layer (index 0 = first layer)
+
+    def validate(self, num_layers: int) -> None:
+        if len(self.layers) > num_layers:
+            raise ConfigError(f"model.fim.layers has {len(self.layers)} entries but the model has "
+                              f"{num_layers} layers")
+        for i in range(len(self.layers)):
+            self.for_layer(i, where=f"model.fim.layers[{i}]")
+        self.for_layer(None, where="model.fim")
+
+    def for_layer(self, index: int | None, where: str = "model.fim") -> FimLayerConfig:
+        """Resolved settings of one layer (0-based; None: the model-wide ones), validated."""
+        own = self.layers[index] if index is not None and index < len(self.layers) else FimLayerConfig()
+        merged = FimLayerConfig(**{f.name: getattr(self, f.name) if getattr(own, f.name) is None
+                                   else getattr(own, f.name) for f in dataclasses.fields(own)})
+        if merged.block_size <= 0 or merged.branching < 2 or merged.top_k < 0 or merged.levels < -1:
+            raise ConfigError(f"{where}: need block_size > 0, branching >= 2, top_k >= 0, levels >= -1 "
+                              f"(got {merged.block_size}, {merged.branching}, {merged.top_k}, "
+                              f"{merged.levels})")
+        chosen = [b.strip() for b in merged.branches.split(",") if b.strip()]
+        unknown = [b for b in chosen if b not in FIM_BRANCHES]
+        if unknown or "local" not in chosen:
+            raise ConfigError(f"{where}.branches={merged.branches!r}: a comma-separated subset of "
+                              f"{', '.join(FIM_BRANCHES)} that includes local")
+        merged.branches = ",".join(chosen)
+        return merged
+
+
 @dataclass
 class ModelConfig:
     name: str = "mistral"
@@ -35,8 +86,10 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     attention_backend: Literal["sdpa", "reference"] = "sdpa"
+    fim: FimConfig = field(default_factory=FimConfig)  # used by model.name=fim_mistral
 
     def validate(self) -> None:
+        self.fim.validate(self.num_layers)
         _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads",
                                   "num_query_groups", "ffn_hidden_size", "seq_length"])
         if self.hidden_size % self.num_attention_heads:
@@ -154,6 +207,9 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        if self.model.name == "fim_mistral" and self.data.mask_documents:
+            raise ConfigError("data.mask_documents=true is not supported by fim_mistral: its summaries "
+                              "and routed blocks would need per-document bounds; leave it false")
         return self
 
     def to_dict(self) -> dict:
@@ -178,6 +234,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, [a for a in typing.get_args(annotation) if a is not type(None)][0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (item,) = typing.get_args(annotation)
+        return [_build(item, v, f"{key}[{i}]") if dataclasses.is_dataclass(item)
+                else _coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be true or false")

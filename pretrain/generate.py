@@ -54,7 +54,8 @@ class Generator:
         self.tokenizer = tokenizer_from_manifest(read_manifest(data_dir)["tokenizer"], data_dir)
         parallel.setup(self.cfg)
         self.model = get_family(self.cfg.model.name).build(self.cfg.model, self.cfg.parallel)
-        self.model.load_state_dict({"gpt." + k: v for k, v in state.items()})
+        own = set(self.model.state_dict())  # export strips the "gpt." prefix of megatron's part
+        self.model.load_state_dict({k if k in own else "gpt." + k: v for k, v in state.items()})
         self.model.eval()
 
     @torch.no_grad()

@@ -1,0 +1,192 @@
+"""Attention scaling: forward+backward time and peak memory against sequence length for dense
+causal SDPA, the baseline's sliding window and FIM attention; fitted power-law exponents.
+
+Each (method, N) point runs in a fresh spawned process so that its peak memory is its own: on
+CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the process's peak resident set
+(``ru_maxrss``) over its level just before the timed calls. Times are the median of ``repeats``
+calls after one warm-up. A point that would not fit (estimated memory over ``memory_gb``) or
+fails is recorded as skipped with the reason; the sweep goes on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METHODS = ("dense", "sliding_window", "fim")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int = 2
+    head_dim: int = 64
+    window: int = 4096
+    block: int = 64
+    branching: int = 4
+    top_k: int = 2
+    dtype: str = "float32"
+
+
+def _estimated_bytes(method: str, n: int, s: Shape) -> float:
+    """Rough upper bound: the sliding window materializes N x N masks and, on CPU, scores."""
+    itemsize = 2 if s.dtype == "bfloat16" else 4
+    io = 8 * s.batch * s.heads * n * s.head_dim * itemsize
+    if method == "sliding_window":
+        return io + 3 * s.batch * s.heads * n * n * 4
+    if method == "fim":
+        keys = s.block * (1 + s.top_k) + 64
+        return io + 6 * s.batch * s.heads * n * keys * itemsize
+    return io
+
+
+def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from model.attention import causal_attention
+    from model.fim_attention import FimGeometry, fim_attention
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, shape.dtype)
+    q = torch.randn(shape.batch, shape.heads, n, shape.head_dim, device=device, dtype=dtype)
+    k = torch.randn(shape.batch, shape.kv_heads, n, shape.head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    geom = FimGeometry(shape.block, shape.branching,
+                       FimGeometry.auto_levels(n, shape.block, shape.branching), shape.top_k)
+
+    def step():
+        if method == "dense":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif method == "sliding_window":
+            out = causal_attention(q, k, v, window=shape.window)
+        else:
+            out = fim_attention(q, k, v, geom)
+        out.backward(torch.ones_like(out))
+        for t in (q, k, v):
+            t.grad = None
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # The peak is taken over the warm-up too: on CPU ru_maxrss is a high-water mark, which the
+    # first call sets.
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up (also builds cached masks)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"n": n, "fwd_bwd_ms": statistics.median(times), "peak_mb": max(peak - base, 0) / 2**20}
+
+
+def _child(args):
+    method, n, shape, repeats = args
+    try:
+        return _measure(method, n, shape, repeats)
+    except (RuntimeError, MemoryError) as exc:  # out of memory, unsupported size
+        return {"n": n, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+
+def fit_exponent(points: list[dict], lo: int, hi: int) -> float | None:
+    """Slope of log(time) against log(N) over lo <= N <= hi (least squares)."""
+    from scipy.stats import linregress
+
+    sel = [p for p in points if lo <= p["n"] <= hi and "fwd_bwd_ms" in p]
+    if len(sel) < 2:
+        return None
+    return float(linregress([math.log(p["n"]) for p in sel],
+                            [math.log(p["fwd_bwd_ms"]) for p in sel]).slope)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, entry in results["methods"].items():
+        pts = [p for p in entry["points"] if "fwd_bwd_ms" in p]
+        if not pts:
+            continue
+        label = f"{name} (exponent {entry['exponent']:.2f})" if entry["exponent"] else name
+        ax_t.plot([p["n"] for p in pts], [p["fwd_bwd_ms"] for p in pts], "o-", label=label)
+        ax_m.plot([p["n"] for p in pts], [max(p["peak_mb"], 1e-1) for p in pts], "o-", label=name)
+    for ax, ylabel in ((ax_t, "forward+backward ms"), (ax_m, "peak memory MB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"attention scaling on {results['device']} ({results['shape']['dtype']}, "
+                 f"{results['shape']['heads']} heads / {results['shape']['kv_heads']} KV, "
+                 f"d={results['shape']['head_dim']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
+        repeats: int = 3, memory_gb: float = 16.0, methods=METHODS,
+        fit_range: tuple[int, int] = (4096, 16384)) -> dict:
+    import torch
+
+    sizes = [2 ** e for e in range(int(math.log2(min_n)), int(math.log2(max_n)) + 1)]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"benchmark": "attention", "device": device, "shape": asdict(shape),
+               "repeats": repeats, "fit_range": list(fit_range), "methods": {}}
+    ctx = mp.get_context("spawn")
+    print(f"{'method':>15} {'N':>7} {'fwd+bwd ms':>11} {'peak MB':>9}", flush=True)
+    for method in methods:
+        points = []
+        for n in sizes:
+            if _estimated_bytes(method, n, shape) > memory_gb * 2**30:
+                point = {"n": n, "skipped": f"estimated memory over --memory-gb {memory_gb}"}
+            else:
+                with ctx.Pool(1, maxtasksperchild=1) as pool:
+                    point = pool.apply(_child, ((method, n, shape, repeats),))
+            points.append(point)
+            if "skipped" in point:
+                print(f"{method:>15} {n:>7} skipped: {point['skipped']}", flush=True)
+            else:
+                print(f"{method:>15} {n:>7} {point['fwd_bwd_ms']:>11.1f} {point['peak_mb']:>9.1f}",
+                      flush=True)
+        results["methods"][method] = {"exponent": fit_exponent(points, *fit_range), "points": points}
+    measured = {m: {p["n"]: p["fwd_bwd_ms"] for p in e["points"] if "fwd_bwd_ms" in p}
+                for m, e in results["methods"].items()}
+    if "dense" in measured and "fim" in measured:
+        results["fim_over_dense"] = {str(n): measured["fim"][n] / measured["dense"][n]
+                                     for n in measured["fim"] if n in measured["dense"]}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out_dir / "attention_scaling.png")
+    for m, e in results["methods"].items():
+        exp = f"{e['exponent']:.3f}" if e["exponent"] is not None else "n/a"
+        print(f"{m}: fitted exponent {exp} over N in [{fit_range[0]}, {fit_range[1]}]")
+    for n, ratio in results.get("fim_over_dense", {}).items():
+        print(f"fim / dense at N={n}: {ratio:.3f}")
+    print(f"results in {out_dir / 'results.json'}, plot {out_dir / 'attention_scaling.png'}")
+    return results
