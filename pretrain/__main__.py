@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -83,6 +84,28 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                                 ("branching", 4, "FIM branching"), ("top-k", 2, "FIM routed blocks")):
         a.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
     a.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    c = what.add_parser("compare", help="baseline vs variants at equal data and budget -> report.md",
+                        description="Trains the baseline and every variant config for --tokens "
+                                    "tokens with seeds 0..S-1 (same data order per seed; finished "
+                                    "runs with the same resolved config are reused), evaluates "
+                                    "validation bpb, throughput, memory, passkey and MQAR "
+                                    "accuracy, runs the attention scaling benchmark, tests each "
+                                    "variant against the baseline (Welch) and the FIM design "
+                                    "claims, and writes OUT/report.md, OUT/results.json and plots.")
+    c.add_argument("--baseline", required=True, help="baseline config YAML")
+    c.add_argument("--variant", action="append", required=True, help="variant config YAML (repeatable)")
+    c.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
+    c.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per run (default 1M)")
+    c.add_argument("--out", required=True, help="report directory, e.g. reports/NAME")
+    c.add_argument("--runs-dir", default="runs/compare", help="where runs live (default runs/compare)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every arm (repeatable)")
+    c.add_argument("--contexts", type=int, nargs="+", default=[128, 256],
+                   help="context lengths of the retrieval tasks (default 128 256)")
+    c.add_argument("--attention-max-n", type=int, default=16384,
+                   help="largest N of the attention scaling benchmark (default 16384)")
+    c.add_argument("--attention-fit", type=int, nargs=2, default=[4096, 16384], metavar=("LO", "HI"),
+                   help="N range of the exponent fit (default 4096 16384)")
     return p
 
 
@@ -177,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                                     args.block, args.branching, args.top_k, args.dtype)
             attention.run(args.out, args.min_n, args.max_n, shape, args.repeats, args.memory_gb,
                           tuple(args.methods), tuple(args.fit_range))
+            return 0
+        if args.verb == "bench" and args.what == "compare":
+            import shlex
+
+            from .bench import compare
+            command = shlex.join(["python", "-m", "pretrain", *(argv if argv is not None else sys.argv[1:])])
+            results = compare.run(args.baseline, args.variant, args.seeds, args.tokens, args.out,
+                                  args.overrides, args.runs_dir, args.contexts, args.attention_max_n,
+                                  tuple(args.attention_fit), command)
+            print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
             return 0
         if args.verb == "bench":
             from .bench import data as bench_data

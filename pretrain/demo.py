@@ -1,18 +1,18 @@
-"""`make demo`: prepare the Shakespeare shards (once), train the tiny baseline from scratch,
-print validation bits per byte at the start and the end, and where the run directory is."""
+"""`make demo`: prepare the Shakespeare shards (once), then a baseline-vs-FIM report on the tiny
+configs: both arms trained from scratch for the same token budget with 2 seeds each, evaluated,
+tested and written to reports/demo/report.md. Finished runs are reused, so a second `make demo`
+only re-evaluates and re-renders."""
 from __future__ import annotations
 
 import argparse
-import shutil
+import shlex
 import sys
-import time
 from pathlib import Path
 
 from data_pipeline.prepare import prepare
 from data_pipeline.verify import verify
 
 from .config import load_config
-from .metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,30 +27,33 @@ def ensure_dataset(data_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "mistral_tiny.yaml"))
-    parser.add_argument("--run-dir", default="runs/demo", help="replaced on every demo run")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--baseline", default="configs/mistral_tiny.yaml")
+    parser.add_argument("--variant", default="configs/fim_mistral_tiny.yaml")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per run")
+    parser.add_argument("--out", default="reports/demo")
+    parser.add_argument("--runs-dir", default="runs/demo")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, [*args.overrides, f"train.run_dir={args.run_dir}"])
-    ensure_dataset(Path(cfg.data.path))
-    run_dir = Path(cfg.train.run_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    from .trainer import train
+    ensure_dataset(Path(load_config(ROOT / args.baseline).data.path))
+    from .bench import compare
 
-    start = time.time()
-    code = train(cfg, resume="never")
-    minutes = (time.time() - start) / 60
-    if code != 0:
-        return code
-    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "val"]
+    cli = ["python", "-m", "pretrain", "bench", "compare", "--baseline", args.baseline,
+           "--variant", args.variant, "--seeds", str(args.seeds), "--tokens", str(args.tokens),
+           "--out", args.out, "--runs-dir", args.runs_dir]
+    results = compare.run(args.baseline, [args.variant], args.seeds, args.tokens, args.out, [],
+                          args.runs_dir, [128, 256], 16384, (4096, 16384), shlex.join(cli))
     print("\n=== demo summary ===")
-    print(f"model           {cfg.model.name} (configs/{Path(args.config).name}), {cfg.train.steps} steps")
-    print(f"val bpb start   {evals[0]['bpb']:.3f}  (step {evals[0]['step']}; uniform bytes = 8.0)")
-    print(f"val bpb end     {evals[-1]['bpb']:.3f}  (step {evals[-1]['step']})")
-    print(f"training time   {minutes:.1f} min")
-    print(f"run directory   {run_dir.resolve()}  (metrics.jsonl, checkpoints/, config.yaml, wandb/)")
+    for name, arm in results["arms"].items():
+        runs = arm["runs"]
+        start = sum(r["curve"][0]["bpb"] for r in runs) / len(runs)
+        print(f"{name:<12} val bpb {start:.3f} at step 0 -> {arm['bpb']['mean']:.3f} ± "
+              f"{arm['bpb']['std']:.3f} after {results['tokens']:,} tokens ({len(runs)} seeds, "
+              f"{arm['tokens_per_s']['mean']:,.0f} tokens/s)")
+    for claim in results["claims"]:
+        print(f"claim: {claim['claim']:<36} {claim['verdict']}")
+    print(f"report          {(Path(args.out) / 'report.md').resolve()}  ({results['total_minutes']:.1f} min)")
+    print(f"runs            {Path(args.runs_dir).resolve()}")
     return 0
 
 

@@ -2,8 +2,8 @@
 causal SDPA, the baseline's sliding window and FIM attention; fitted power-law exponents.
 
 Each (method, N) point runs in a fresh spawned process so that its peak memory is its own: on
-CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the process's peak resident set
-(``ru_maxrss``) over its level just before the timed calls. Times are the median of ``repeats``
+CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the peak resident set (Linux VmHWM,
+reset through /proc/self/clear_refs) over the resident set just before the first call. Times are the median of ``repeats``
 calls after one warm-up. A point that would not fit (estimated memory over ``memory_gb``) or
 fails is recorded as skipped with the reason; the sweep goes on.
 """
@@ -46,8 +46,6 @@ def _estimated_bytes(method: str, n: int, s: Shape) -> float:
 
 
 def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
-    import resource
-
     import torch
     import torch.nn.functional as F
 
@@ -80,15 +78,14 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    # The peak is taken over the warm-up too: on CPU ru_maxrss is a high-water mark, which the
-    # first call sets.
+    # The peak is taken over the warm-up too (it builds cached masks).
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step()  # warm-up (also builds cached masks)
+        base = _reset_cpu_peak()
+    step()
     sync()
     times = []
     for _ in range(repeats):
@@ -96,9 +93,34 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
         step()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if cuda else _cpu_peak()
     return {"n": n, "fwd_bwd_ms": statistics.median(times), "peak_mb": max(peak - base, 0) / 2**20}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_cpu_peak() -> int:
+    """Reset Linux's peak-RSS mark (``echo 5 > /proc/self/clear_refs``); return current RSS bytes.
+    Where that is not possible, the process's lifetime peak (ru_maxrss) is the fallback."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS") * 1024
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_peak() -> int:
+    try:
+        return _status_kb("VmHWM") * 1024
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(args):

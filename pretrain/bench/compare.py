@@ -1,0 +1,209 @@
+"""Baseline vs variants at equal data and budget: train every (arm, seed), evaluate, test, report.
+
+Every arm trains for the same token budget with the same per-seed data order (the loader's order
+depends on ``train.seed`` only, so seed s gives every arm the same batches); seeds pair up
+across arms. A run's directory is named by a hash of its resolved config: a finished run with
+the same hash is reused, an unfinished one resumes from its checkpoint. Training runs in child
+processes (`python -m pretrain train`), evaluation of retrieval tasks in this one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import RunConfig, load_config, save_config
+from ..metrics import read_metrics
+from . import stats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """What determines a run's results: everything but where it writes and how it logs."""
+    tree = cfg.to_dict()
+    tree["train"].pop("run_dir")
+    tree.pop("log")
+    return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def arm_config(path: str, overrides: list[str], seed: int, tokens: int, runs_dir: Path,
+               evals: int = 4) -> tuple[RunConfig, Path]:
+    cfg = load_config(path, [*overrides, f"train.seed={seed}"])
+    t = cfg.train
+    per_step = t.micro_batch_size * t.grad_accum * cfg.model.seq_length
+    t.steps = max(1, round(tokens / per_step))
+    t.eval_every = max(1, t.steps // evals)
+    t.checkpoint_every, t.keep_last = 0, 1
+    cfg.log.wandb, cfg.log.progress = False, False
+    name = f"{cfg.model.name}-seed{seed}-{config_hash(cfg)}"
+    t.run_dir = str(runs_dir / name)
+    return cfg, runs_dir / name
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    if not (metrics.is_file() and (run_dir / "checkpoints" / "latest").is_file()):
+        return False
+    return any(r.get("split") == "val" and r["step"] == steps for r in read_metrics(metrics))
+
+
+def train_run(cfg: RunConfig, run_dir: Path) -> bool:
+    """Train (or resume) in a child process; returns True if an existing finished run was reused."""
+    if finished(run_dir, cfg.train.steps):
+        return True
+    config_path = run_dir.with_suffix(".yaml")
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, config_path)
+    cmd = [sys.executable, "-m", "pretrain", "train", "--config", str(config_path), "--resume", "auto"]
+    print(f"--- training {run_dir.name}: {cfg.train.steps} steps", flush=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"training {run_dir.name} failed with exit code {done.returncode}: "
+                           f"{shlex.join(cmd)}")
+    return False
+
+
+def task_scores(run_dir: Path, contexts: list[int], seed: int = 0) -> dict:
+    """Passkey and MQAR accuracy per context length, cached in the run directory."""
+    cache = run_dir / "tasks.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("contexts") == contexts:
+            return cached
+    import torch
+
+    from data_pipeline.tasks import mqar_examples, passkey_examples, score
+
+    from ..generate import Generator
+
+    gen = Generator(str(run_dir))
+    logits = lambda ids: gen.model(ids)  # noqa: E731  (labels None -> logits)
+    usable = [c for c in contexts if c <= gen.cfg.model.seq_length]
+    result = {"contexts": contexts, "passkey": {}, "mqar": {}}
+    with torch.no_grad():
+        for c in usable:
+            result["passkey"][str(c)] = score(passkey_examples(gen.tokenizer, c, per_depth=2, seed=seed),
+                                              logits)["accuracy"]
+            result["mqar"][str(c)] = score(mqar_examples(gen.tokenizer, 4, c, num_examples=8, seed=seed),
+                                           logits)["accuracy"]
+    cache.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_summary(cfg: RunConfig, run_dir: Path, reused: bool, contexts: list[int]) -> dict:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    val = [r for r in records if r.get("split") == "val"]
+    train = [r for r in records if "split" not in r]
+    steady = train[1:] or train  # the first window includes warm-up
+    tasks = task_scores(run_dir, contexts, seed=cfg.train.seed)
+    last = train[-1]
+    return {
+        "seed": cfg.train.seed, "run_dir": str(run_dir), "reused": reused,
+        "bpb": val[-1]["bpb"], "tokens": last["tokens"], "elapsed_s": last["elapsed_s"],
+        "seconds_per_token": last["elapsed_s"] / last["tokens"],
+        "tokens_per_s": sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2],
+        "mfu": sorted(r["mfu"] for r in steady)[len(steady) // 2],
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in train),
+        "curve": [{"tokens": r["tokens"], "bpb": r["bpb"]} for r in val],
+        "tasks": tasks,
+    }
+
+
+def aggregate(name: str, config_path: str, cfg: RunConfig, runs: list[dict]) -> dict:
+    from model import get_family
+
+    family = get_family(cfg.model.name)
+    saved = load_config(Path(runs[0]["run_dir"]) / "config.yaml")  # vocabulary resolved
+    flops = family.training_flops_per_token(saved.model)
+    arm = {"name": name, "config": config_path, "model": cfg.model.name,
+           "params": family.parameter_count(saved.model), "flops_per_token": flops,
+           "training_flops": flops * runs[0]["tokens"], "runs": runs}
+    for key in ("bpb", "seconds_per_token", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"):
+        arm[key] = stats.summarize([r[key] for r in runs])
+    arm["tasks"] = {}
+    for task in ("passkey", "mqar"):
+        contexts = sorted({int(c) for r in runs for c in r["tasks"][task]})
+        by_context = {str(c): stats.summarize([r["tasks"][task][str(c)] for r in runs]) for c in contexts}
+        overall = [sum(r["tasks"][task].values()) / max(len(r["tasks"][task]), 1) for r in runs]
+        arm["tasks"][task] = {"accuracy": stats.summarize(overall), "by_context": by_context}
+    return arm
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _hardware() -> dict:
+    import os
+
+    import torch
+
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run(baseline: str, variants: list[str], seeds: int, tokens: int, out: str, overrides: list[str],
+        runs_dir: str, contexts: list[int], attention_max_n: int, attention_fit: tuple[int, int],
+        command: str) -> dict:
+    from . import attention
+    from .report import write_report
+
+    out_dir, runs_root = Path(out), Path(runs_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    arms, names = {}, []
+    for path in [baseline, *variants]:
+        runs, cfg = [], None
+        for seed in range(seeds):
+            cfg, run_dir = arm_config(path, overrides, seed, tokens, runs_root)
+            reused = train_run(cfg, run_dir)
+            runs.append(run_summary(cfg, run_dir, reused, contexts))
+        name = cfg.model.name if cfg.model.name not in arms else Path(path).stem
+        arms[name] = aggregate(name, path, cfg, runs)
+        names.append(name)
+    base = names[0]
+    for name in names[1:]:
+        arms[name]["welch_bpb"] = stats.welch(arms[name]["bpb"]["values"], arms[base]["bpb"]["values"])
+    claims_arm = next((n for n in names[1:] if arms[n]["model"] == "fim_mistral"), names[-1])
+    shape = attention.Shape()  # a long-context geometry: B=64, b=4, top-2, 8 heads / 2 KV, d=64
+    print("--- attention scaling", flush=True)
+    scaling = attention.run(str(out_dir / "attention"), min_n=min(1024, attention_fit[0]),
+                            max_n=attention_max_n, shape=shape, fit_range=attention_fit)
+    results = {"benchmark": "compare", "command": command, "commit": _commit(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hardware": _hardware(),
+               "baseline": base, "variants": names[1:], "claims_arm": claims_arm, "seeds": seeds,
+               "tokens": tokens, "contexts": contexts, "arms": arms, "attention": scaling}
+    results["claims"] = stats.claim_verdicts(results) if len(names) > 1 else []
+    inspect_png = None
+    if arms[claims_arm]["model"] == "fim_mistral":
+        inspect_png = out_dir / "fim_attention.png"
+        _inspect(arms[claims_arm]["runs"][0]["run_dir"], inspect_png)
+    results["inspect_attention_png"] = inspect_png.name if inspect_png else None
+    results["total_minutes"] = (time.time() - start) / 60
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, out_dir)
+    return results
+
+
+def _inspect(run_dir: str, png: Path) -> None:
+    from types import SimpleNamespace
+
+    from ..inspect_attention import main as inspect_main
+
+    text = ("ROMEO. But soft, what light through yonder window breaks? It is the east, and Juliet "
+            "is the sun. Arise, fair sun, and kill the envious moon, who is already sick and pale "
+            "with grief that thou her maid art far more fair than she.")
+    inspect_main(SimpleNamespace(ckpt=run_dir, text=text, out=str(png), layer=None))

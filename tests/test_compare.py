@@ -1,0 +1,159 @@
+"""bench compare: statistics, claim verdicts and the report on fabricated results; reuse of
+finished runs on a real (tiny) comparison."""
+import copy
+import json
+import math
+import re
+
+import pytest
+from scipy import stats as sps
+
+from conftest import ROOT, run_cli
+from pretrain.bench import stats
+from pretrain.bench.report import render
+
+
+def test_summary_and_welch_match_scipy():
+    a, b = [2.61, 2.64, 2.59, 2.66], [2.70, 2.74, 2.69]
+    s = stats.summarize(a)
+    assert s["mean"] == pytest.approx(sum(a) / 4)
+    assert s["std"] == pytest.approx(math.sqrt(sum((x - s["mean"]) ** 2 for x in a) / 3))
+    w = stats.welch(a, b)
+    va, vb = s["std"] ** 2 / 4, stats.summarize(b)["std"] ** 2 / 3
+    t = (s["mean"] - stats.summarize(b)["mean"]) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)       # Welch-Satterthwaite
+    assert w["t"] == pytest.approx(t)
+    assert w["p"] == pytest.approx(2 * sps.t.sf(abs(t), df))
+    assert w["p"] == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
+    assert stats.welch([1.0], b) == {"t": None, "p": None}
+    assert stats.summarize([3.0])["std"] == 0.0
+
+
+def fabricated(fim_exp=1.1, dense_exp=1.9, base_spt=1e-4, fim_spt=1.2e-4, base_acc=(0.0, 0.0),
+               fim_acc=(0.0, 0.0)) -> dict:
+    def arm(name, model, spt, acc, bpb):
+        runs = [{"seed": s, "run_dir": f"runs/{name}-{s}", "reused": False, "bpb": bpb[s],
+                 "tokens": 1000, "elapsed_s": spt * 1000, "seconds_per_token": spt,
+                 "tokens_per_s": 1 / spt, "mfu": 0.5, "peak_mem_mb": 500.0,
+                 "curve": [{"tokens": 0, "bpb": 8.1}, {"tokens": 1000, "bpb": bpb[s]}],
+                 "tasks": {"contexts": [128], "passkey": {"128": acc[0]}, "mqar": {"128": acc[1]}}}
+                for s in range(2)]
+        out = {"name": name, "config": f"configs/{name}.yaml", "model": model, "params": 3210000,
+               "flops_per_token": 2.0e7 if model == "mistral" else 1.9e7,
+               "training_flops": 2.0e10, "runs": runs}
+        for key in ("bpb", "seconds_per_token", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"):
+            out[key] = stats.summarize([r[key] for r in runs])
+        out["tasks"] = {t: {"accuracy": stats.summarize([acc[i]] * 2),
+                            "by_context": {"128": stats.summarize([acc[i]] * 2)}}
+                        for i, t in enumerate(("passkey", "mqar"))}
+        return out
+
+    arms = {"mistral": arm("mistral", "mistral", base_spt, base_acc, [2.65, 2.69]),
+            "fim_mistral": arm("fim_mistral", "fim_mistral", fim_spt, fim_acc, [2.71, 2.76])}
+    arms["fim_mistral"]["welch_bpb"] = stats.welch(arms["fim_mistral"]["bpb"]["values"],
+                                                   arms["mistral"]["bpb"]["values"])
+    points = [{"n": n, "fwd_bwd_ms": n / 100, "peak_mb": 10.0} for n in (1024, 2048, 4096)]
+    results = {"benchmark": "compare", "command": "python -m pretrain bench compare ...",
+               "commit": "abc1234", "date": "2026-11-23 12:00 UTC",
+               "hardware": {"machine": "x86_64", "processor": "x86_64", "cpus": 2,
+                            "torch": "2.13.0+cpu", "gpu": None},
+               "baseline": "mistral", "variants": ["fim_mistral"], "claims_arm": "fim_mistral",
+               "seeds": 2, "tokens": 1000, "contexts": [128, 256], "arms": arms,
+               "attention": {"device": "cpu", "fit_range": [1024, 4096],
+                             "shape": {"batch": 1, "heads": 8, "kv_heads": 2, "head_dim": 64,
+                                       "window": 4096, "block": 64, "branching": 4, "top_k": 2,
+                                       "dtype": "float32"},
+                             "methods": {"dense": {"exponent": dense_exp, "points": points},
+                                         "fim": {"exponent": fim_exp, "points": points}}},
+               "inspect_attention_png": "fim_attention.png", "total_minutes": 12.5}
+    results["claims"] = stats.claim_verdicts(results)
+    return results
+
+
+def verdicts(results) -> dict:
+    return {c["claim"]: c["verdict"] for c in results["claims"]}
+
+
+def test_claim_verdicts_follow_the_thresholds():
+    v = verdicts(fabricated())
+    assert v["O(N log N) attention"] == stats.SUPPORTED
+    assert v["40-60% compute reduction"] == stats.NOT_SUPPORTED          # 20% slower
+    assert v["25-40% better retrieval (passkey)"] == stats.NOT_MEASURABLE  # both at zero
+    assert v["interpretability"] == stats.NOT_MEASURABLE
+
+    v = verdicts(fabricated(fim_exp=1.35, fim_spt=0.5e-4, base_acc=(0.4, 0.2), fim_acc=(0.52, 0.22)))
+    assert v["O(N log N) attention"] == stats.NOT_SUPPORTED
+    assert v["40-60% compute reduction"] == stats.SUPPORTED              # 50% less time per token
+    assert v["25-40% better retrieval (passkey)"] == stats.SUPPORTED     # +30%
+    assert v["25-40% better retrieval (mqar)"] == stats.NOT_SUPPORTED    # +10%
+
+    v = verdicts(fabricated(fim_spt=0.61e-4, base_acc=(0.0, 0.0), fim_acc=(0.3, 0.0)))
+    assert v["40-60% compute reduction"] == stats.NOT_SUPPORTED          # 39%: under the claim
+    assert v["25-40% better retrieval (passkey)"] == stats.SUPPORTED     # from nothing to 30%
+    missing = fabricated()
+    missing["attention"]["methods"]["fim"]["exponent"] = None
+    missing["claims"] = stats.claim_verdicts(missing)
+    assert verdicts(missing)["O(N log N) attention"] == stats.NOT_MEASURABLE
+
+
+def _values(obj):
+    """Every number in a results tree, including those inside strings."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _values(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _values(v)
+    elif isinstance(obj, bool) or obj is None:
+        return
+    elif isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, str):
+        for tok in re.findall(r"\d[\d,]*\.?\d*(?:e[+-]?\d+)?", obj):
+            yield float(tok.replace(",", "").rstrip("."))
+
+
+def test_every_number_in_the_report_is_in_results_json():
+    results = json.loads(json.dumps(fabricated()))  # as written to disk
+    report = render(results)
+    for section in ("## Setup", "## Results", "### Retrieval", "### Attention scaling",
+                    "## Claims of the FIM design document", "## Reproduce", "bpb_vs_tokens.png",
+                    "tasks.png", "attention_scaling.png", "fim_attention.png"):
+        assert section in report
+    known = list(_values(results))
+    prose = re.sub(r"!\[[^]]*\]\([^)]*\)|`[^`]*`", "", report)  # image links, code (paths)
+    for tok in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?%?", prose):
+        number = tok.rstrip("%")
+        decimals = len(number.split(".")[1].split("e")[0]) if "." in number else 0
+        value = float(number.replace(",", ""))
+        scales = (1, 100) if tok.endswith("%") else (1,)  # a fraction shown as a percentage
+        assert any(math.isclose(round(k * scale, decimals), value, abs_tol=10 ** -decimals / 2)
+                   or (("e" in number) and math.isclose(k, value, rel_tol=1e-3))
+                   for k in known for scale in scales), f"{tok} in the report is not in results.json"
+    changed = copy.deepcopy(results)
+    changed["arms"]["mistral"]["bpb"]["mean"] = 9.8765
+    assert "9.8765" in render(changed)
+
+
+def test_rerunning_a_comparison_reuses_finished_runs(dataset, tmp_path):
+    args = ["-m", "pretrain", "bench", "compare", "--baseline", str(ROOT / "configs" / "mistral_tiny.yaml"),
+            "--variant", str(ROOT / "configs" / "fim_mistral_tiny.yaml"), "--seeds", "1",
+            "--tokens", "1024", "--out", str(tmp_path / "report"), "--runs-dir", str(tmp_path / "runs"),
+            "--contexts", "128", "--attention-max-n", "512", "--attention-fit", "256", "512"]
+    for key, value in {"data.path": dataset, "model.num_layers": 2, "model.hidden_size": 64,
+                       "model.num_attention_heads": 4, "model.num_query_groups": 2,
+                       "model.ffn_hidden_size": 128, "model.seq_length": 128,
+                       "model.sliding_window": 64, "model.fim.block_size": 16,
+                       "train.micro_batch_size": 4, "train.eval_batches": 2,
+                       "optim.warmup_steps": 1}.items():
+        args += ["--set", f"{key}={value}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["reused"] for a in results["arms"].values() for r in a["runs"]] == [False, False]
+    assert (tmp_path / "report" / "report.md").is_file()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "--- training" not in again.stdout
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["reused"] for a in results["arms"].values() for r in a["runs"]] == [True, True]
