@@ -10,16 +10,17 @@ p // (B * b^m), its parent is that index // b. A query in leaf block c attends, 
    sees B + (b - 1) * levels keys: O(N log N) work for N tokens. A summary of S tokens gets a
    +log(S) score bias: exp(q.k_mean + log S) = S exp(q.k_mean) stands for the S tokens it pools
    (Jensen's lower bound of their summed weights), so a far summary competes fairly with exact keys;
-3. **routed**: exactly, to the tokens of the top-k earlier leaf blocks, chosen per head by the
-   score of the preceding leaf block's mean query against each block's mean key. One decision per
+3. **routed**: exactly, to the tokens of the top-k earlier leaf blocks, chosen per key/value
+   group by the score of the preceding leaf block's mean query (over the group's query heads)
+   against each block's mean key. One decision per
    block keeps routing at (N/B)^2 dot products; taking the query from the *preceding* block keeps
    it causal (a block's own mean query would see its future tokens). Candidates are blocks
    0..c-2; the selection is discrete and not differentiated (gradients flow through the
    attention to the chosen tokens, not through the choice).
 
 Branches share one softmax (rather than a learned gate), so the attention mass per branch is
-directly readable for interpretability. GQA: key/value heads are shared by groups of query heads;
-routing is per query head.
+directly readable for interpretability. GQA: key/value heads are shared by groups of query heads,
+and so are the routed blocks (gathered once per group).
 
 ``fim_attention`` is the fast path (blocked: per leaf block, B local + k*B routed + summaries;
 never an N x N matrix); ``fim_attention_reference`` builds the equivalent dense N x (N + units)
@@ -53,23 +54,25 @@ class FimGeometry:
 
 
 def route_blocks(q: torch.Tensor, k: torch.Tensor, block: int, top_k: int):
-    """Per query head, the top-k earlier leaf blocks for each query block.
+    """Per key/value group, the top-k earlier leaf blocks for each query block.
 
-    q ``[b, h, N, d]``, k ``[b, g, N, d]`` -> (indices ``[b, h, nb, top_k]`` long,
-    valid ``[nb, top_k]`` bool). Block c routes with the mean query of block c - 1 against the
-    mean keys of blocks 0..c-2; slots beyond the available candidates are invalid."""
+    q ``[b, h, N, d]``, k ``[b, g, N, d]`` -> (indices ``[b, g, nb, top_k]`` long,
+    valid ``[nb, top_k]`` bool). Block c routes with the mean query of block c - 1 (averaged
+    over the group's query heads) against the mean keys of blocks 0..c-2; slots beyond the
+    available candidates are invalid."""
     bsz, heads, n, d = q.shape
+    groups = k.shape[1]
     nb = -(-n // block)
     with torch.no_grad():
         qm = _block_means(q, block)[:, :, : nb - 1]                       # sources: blocks 0..nb-2
-        km = _block_means(k, block).repeat_interleave(heads // k.shape[1], dim=1)
-        scores = qm @ km.transpose(-1, -2)                                 # [b, h, nb-1, nb]
+        qm = qm.unflatten(1, (groups, heads // groups)).mean(2)            # [b, g, nb-1, d]
+        scores = qm @ _block_means(k, block).transpose(-1, -2)              # [b, g, nb-1, nb]
         source = torch.arange(nb - 1, device=q.device)[:, None]
         candidate = torch.arange(nb, device=q.device)[None, :] < source    # u <= c-2, c = source+1
         scores = scores.masked_fill(~candidate, float("-inf"))
         k_eff = min(top_k, nb)
         idx = scores.topk(k_eff, dim=-1).indices if nb > 1 else scores.new_zeros(
-            bsz, heads, 0, k_eff, dtype=torch.long)
+            bsz, groups, 0, k_eff, dtype=torch.long)
         idx = F.pad(idx, (0, 0, 1, 0))                                      # block 0 routes nowhere
         slots = torch.arange(k_eff, device=q.device)[None, :]
         valid = slots < (torch.arange(nb, device=q.device)[:, None] - 1).clamp(min=0)
@@ -119,42 +122,45 @@ def _pooled_levels(x: torch.Tensor, block: int, branching: int, levels: int) -> 
 
 def fim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geom: FimGeometry,
                   branches: tuple[str, ...] = BRANCHES) -> torch.Tensor:
-    """q ``[b, h, N, d]``, k/v ``[b, g, N, d]`` -> ``[b, h, N, d]``; blocked, O(N (B + kB + S))."""
+    """q ``[b, h, N, d]``, k/v ``[b, g, N, d]`` -> ``[b, h, N, d]``; blocked, O(N (B + kB + S)).
+
+    Keys and values are gathered once per (key/value group, leaf block); the group's query heads
+    are stacked along the query axis of one SDPA call (rows of attention are independent), so
+    nothing is repeated per query head. Leaf blocks are SDPA's head dim and (batch, group) its
+    batch: a 4-D call whose mask broadcasts over the batch takes PyTorch's fused kernel."""
     bsz, heads, n, d = q.shape
-    B, rep = geom.block, heads // k.shape[1]
+    groups = k.shape[1]
+    B, rep = geom.block, heads // groups
     nb = -(-n // B)
     pad = nb * B - n
     qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
-    qb = qp.unflatten(2, (nb, B))                                          # [b, h, nb, B, d]
-    kb = kp.repeat_interleave(rep, 1).unflatten(2, (nb, B))
-    vb = vp.repeat_interleave(rep, 1).unflatten(2, (nb, B))
+    # [b, g*rep, nb*B, d] -> [b*g, nb, rep*B, d]
+    qb = qp.view(bsz, groups, rep, nb, B, d).transpose(2, 3).reshape(bsz * groups, nb, rep * B, d)
+    kb, vb = kp.unflatten(2, (nb, B)), vp.unflatten(2, (nb, B))               # [b, g, nb, B, d]
     keys, values = [kb], [vb]
     pos = torch.arange(B, device=q.device)
     biases = [torch.zeros(nb, B, B, device=q.device).masked_fill(pos[None, :] > pos[:, None],
                                                                 float("-inf"))]
     if "routed" in branches and geom.top_k > 0 and nb > 1:
-        idx, valid = route_blocks(q, k, B, geom.top_k)                      # [b, h, nb, kk]
+        idx, valid = route_blocks(q, k, B, geom.top_k)                      # [b, g, nb, kk]
         bi = torch.arange(bsz, device=q.device)[:, None, None, None]
-        hi = torch.arange(heads, device=q.device)[None, :, None, None]
-        keys.append(kb[bi, hi, idx].flatten(3, 4))                          # [b, h, nb, kk*B, d]
-        values.append(vb[bi, hi, idx].flatten(3, 4))
+        gi = torch.arange(groups, device=q.device)[None, :, None, None]
+        keys.append(kb[bi, gi, idx].flatten(3, 4))                          # [b, g, nb, kk*B, d]
+        values.append(vb[bi, gi, idx].flatten(3, 4))
         routed = torch.zeros(valid.shape, device=q.device).masked_fill(~valid, float("-inf"))
         biases.append(routed.repeat_interleave(B, 1)[:, None, :].expand(nb, B, -1))
     if "hierarchical" in branches and geom.levels > 0:
         index, valid, level = _sibling_slots(nb, geom.branching, geom.levels, q.device)
-        pk = _pooled_levels(kp, B, geom.branching, geom.levels)[:, :, index]
-        pv = _pooled_levels(vp, B, geom.branching, geom.levels)[:, :, index]
-        keys.append(pk.repeat_interleave(rep, 1))                           # [b, h, nb, S, d]
-        values.append(pv.repeat_interleave(rep, 1))
+        keys.append(_pooled_levels(kp, B, geom.branching, geom.levels)[:, :, index])
+        values.append(_pooled_levels(vp, B, geom.branching, geom.levels)[:, :, index])
         log_span = math.log(B) + level * math.log(geom.branching)
         summary = log_span[None, :].expand(nb, -1).masked_fill(~valid, float("-inf"))
         biases.append(summary[:, None, :].expand(nb, B, -1))
-    bias = torch.cat(biases, dim=-1).to(q.dtype)[None]                       # [1, nb, B, Kc]
-    # Leaf blocks as SDPA's head dim, (batch, head) as its batch: a 4-D call with a mask that
-    # broadcasts over the batch takes PyTorch's fused kernel instead of the unfused math path.
-    out = F.scaled_dot_product_attention(qb.flatten(0, 1), torch.cat(keys, 3).flatten(0, 1),
+    bias = torch.cat(biases, dim=-1).to(q.dtype).repeat(1, rep, 1)[None]   # [1, nb, rep*B, Kc]
+    out = F.scaled_dot_product_attention(qb, torch.cat(keys, 3).flatten(0, 1),
                                          torch.cat(values, 3).flatten(0, 1), attn_mask=bias)
-    return out.unflatten(0, (bsz, heads)).flatten(2, 3)[:, :, :n]
+    out = out.view(bsz, groups, nb, rep, B, d).transpose(2, 3).reshape(bsz, heads, nb * B, d)
+    return out[:, :, :n]
 
 
 def fim_weights_reference(q: torch.Tensor, k: torch.Tensor, geom: FimGeometry,
@@ -180,7 +186,7 @@ def fim_weights_reference(q: torch.Tensor, k: torch.Tensor, geom: FimGeometry,
                 if valid[c, s]:
                     for bb in range(bsz):
                         for h in range(heads):
-                            u = int(idx[bb, h, c, s])
+                            u = int(idx[bb, h // (heads // k.shape[1]), c, s])
                             branch[bb, h, i, u * B:(u + 1) * B] = 2
     bias = torch.zeros(n + len(units))
     for j, (m, u, start, end) in enumerate(units):

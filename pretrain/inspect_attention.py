@@ -51,7 +51,7 @@ def analyse(ckpt: str, text: str, layer: int | None = None) -> dict:
                        for c in range(idx.shape[2])] for h in range(idx.shape[1])]
         layers.append({"layer": index, "block": geom.block, "branching": geom.branching,
                        "levels": geom.levels, "top_k": geom.top_k, "branches": list(branches),
-                       "mass": mass, "routed_blocks_per_head": routed,
+                       "mass": mass, "routed_blocks_per_group": routed,
                        "_map": probs[0].mean(0).float(), "_units": units})
     text_shown = gen.tokenizer.decode(ids).decode("utf-8", errors="replace")
     return {"ckpt": ckpt, "tokens": len(ids), "text": text_shown, "layers": layers,
@@ -86,18 +86,18 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_ylabel("query position")
     axes[1].set_title(f"layer {shown['layer']}: log10 weight, mean over heads")
 
-    routed = shown["routed_blocks_per_head"]
+    routed = shown["routed_blocks_per_group"]
     if routed:
         blocks = len(routed[0])
         counts = torch.zeros(blocks, blocks)
-        for head in routed:
-            for c, chosen in enumerate(head):
+        for group in routed:
+            for c, chosen in enumerate(group):
                 for u in chosen:
                     counts[c, u] += 1
         axes[2].imshow(counts.numpy(), cmap="magma", origin="upper", interpolation="nearest")
         axes[2].set_xlabel("routed leaf block")
         axes[2].set_ylabel("query leaf block")
-        axes[2].set_title(f"layer {shown['layer']}: heads routing to each block")
+        axes[2].set_title(f"layer {shown['layer']}: KV groups routing to each block")
     else:
         axes[2].axis("off")
         axes[2].text(0.5, 0.5, "no routed branch in this layer / text", ha="center")

@@ -169,7 +169,7 @@ def test_inspect_attention_plots_a_trained_checkpoint(dataset, tmp_path):
     assert len(summary["layers"]) == 2
     for layer in summary["layers"]:
         assert sum(layer["mass"].values()) == pytest.approx(1.0, abs=1e-6)
-        assert layer["routed_blocks_per_head"] is not None
+        assert layer["routed_blocks_per_group"] is not None
     baseline = run_cli("-m", "pretrain", "inspect-attention", "--ckpt", str(run_dir), "--text", "a",
                        "--out", str(png))
     assert baseline.returncode == 2 and "at least 2 tokens" in baseline.stderr
