@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = arm["runs"]
         start = sum(r["curve"][0]["bpb"] for r in runs) / len(runs)
         print(f"{name:<12} val bpb {start:.3f} at step 0 -> {arm['bpb']['mean']:.3f} ± "
-              f"{arm['bpb']['std']:.3f} after {results['tokens']:,} tokens ({len(runs)} seeds, "
+              f"{arm['bpb']['std']:.3f} after {runs[0]['tokens']:,} tokens ({len(runs)} seeds, "
               f"{arm['tokens_per_s']['mean']:,.0f} tokens/s)")
     for claim in results["claims"]:
         print(f"claim: {claim['claim']:<36} {claim['verdict']}")

@@ -66,14 +66,16 @@ def render(results: dict) -> str:
              f"- Command: `{results['command']}`",
              f"- Commit `{results['commit']}`, {results['date']}; hardware: {hw['processor']}, "
              f"{hw['cpus']} CPUs, GPU {hw['gpu'] or 'none'}, torch {hw['torch']}",
-             f"- Budget: {results['tokens']:,} training tokens per run, {results['seeds']} seeds per arm; "
+             f"- Budget: {results['tokens']:,} training tokens per run requested (whole steps: trained "
+             "tokens below), "
+             f"{results['seeds']} seeds per arm; "
              "every arm sees the same batches for a given seed (the data order depends on the seed only)",
              f"- Total time of this report: {results['total_minutes']:.1f} min", "",
-             "| arm | config | model | parameters | training FLOPs per token |",
-             "|---|---|---|---|---|"]
+             "| arm | config | model | parameters | training FLOPs per token | trained tokens per run |",
+             "|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         lines.append(f"| {name} | `{arm['config']}` | {arm['model']} | {arm['params']:,} | "
-                     f"{arm['flops_per_token']:.4g} |")
+                     f"{arm['flops_per_token']:.4g} | {arm['runs'][0]['tokens']:,} |")
     lines += ["", "## Results", "",
               "Mean ± sample standard deviation over seeds. p: Welch's t-test of the validation bpb "
               "against the baseline (two-sided; with 2 seeds it has little power).", "",
