@@ -24,4 +24,4 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 clean-runs:
-	rm -rf runs/demo
+	rm -rf runs/demo reports/demo
