@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BRANCHES = ("local", "hierarchical", "routed")
+from pretrain.config import FIM_BRANCHES as BRANCHES  # one list: config and attention
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ baseline's, so a comparison isolates the attention.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -51,12 +53,18 @@ class FractalPositionEmbedding(nn.Module):
     """Position p -> E_leaf[p mod B] + sum over levels m of E_m[(p // (B b^m)) mod b]: a learned
     absolute position factorized along the hierarchy FIM attention uses."""
 
+    @staticmethod
+    def shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(leaf table, level tables): also the closed-form parameter count's source."""
+        geom, _ = layer_geometry(cfg.fim, None, cfg.seq_length)
+        return (geom.block, cfg.hidden_size), (max(geom.levels, 1), geom.branching, cfg.hidden_size)
+
     def __init__(self, cfg: ModelConfig, init_seed: int):
         super().__init__()
         geom, _ = layer_geometry(cfg.fim, None, cfg.seq_length)
         self.block, self.branching, self.levels = geom.block, geom.branching, geom.levels
-        self.leaf = nn.Parameter(torch.empty(geom.block, cfg.hidden_size))
-        self.level = nn.Parameter(torch.empty(max(geom.levels, 1), geom.branching, cfg.hidden_size))
+        leaf, level = self.shapes(cfg)
+        self.leaf, self.level = nn.Parameter(torch.empty(leaf)), nn.Parameter(torch.empty(level))
         # Seeded on its own: the same weights whatever else this pipeline stage builds.
         g = torch.Generator().manual_seed((init_seed * 7919 + 17) % 2**63)
         with torch.no_grad():
@@ -98,8 +106,7 @@ def build(cfg: ModelConfig, par: ParallelConfig) -> FimMistralLM:
 def parameter_count(cfg: ModelConfig) -> int:
     extra = 0
     if cfg.fim.position_embedding:
-        geom, _ = layer_geometry(cfg.fim, None, cfg.seq_length)
-        extra = (geom.block + max(geom.levels, 1) * geom.branching) * cfg.hidden_size
+        extra = sum(math.prod(shape) for shape in FractalPositionEmbedding.shapes(cfg))
     return mistral.parameter_count(cfg) + extra
 
 

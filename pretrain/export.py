@@ -2,8 +2,8 @@
 or ``hf`` (config.json + model.safetensors that transformers' MistralForCausalLM loads).
 
 DeepSpeed writes one ``mp_rank_XX_model_states.pt`` per model-parallel rank, XX = pipeline
-stage x TP size + TP rank; under ZeRO 0-2 each holds that rank's full module weights. Under ZeRO-3 those are empty placeholders and the
-weights live in the partitioned optimizer files, consolidated with DeepSpeed's zero_to_fp32
+stage x TP size + TP rank; under ZeRO 0-2 each holds that rank's full module weights. Under
+ZeRO-3 those are empty placeholders and the weights live in the partitioned optimizer files, consolidated with DeepSpeed's zero_to_fp32
 (which handles one TP rank; ZeRO-3 with TP > 1 is refused).
 
 Merging TP shards follows megatron's layers: column-parallel weights (fused QKV, fc1, the
@@ -16,9 +16,8 @@ final norm and output layer.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import torch
 
@@ -81,11 +80,9 @@ def consolidate(ckpt_dir: Path, tag: str, cfg: RunConfig) -> dict[str, torch.Ten
     """The whole model's state dict from a checkpoint of any layout (TP merged, stages joined)."""
     shards = load_shards(ckpt_dir, tag)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if len(shards) not in (tp * pp, 1):
+    if len(shards) != tp * pp:
         raise CheckpointError(f"{ckpt_dir / tag} holds {len(shards)} model-parallel shards, but its "
                               f"config says tp={tp} x pp={pp}")
-    if len(shards) == 1:
-        return merge_tensor_parallel(shards)
     per_stage = cfg.model.num_layers // pp
     state: dict[str, torch.Tensor] = {}
     for stage in range(pp):
