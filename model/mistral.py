@@ -58,6 +58,27 @@ def transformer_config(cfg: ModelConfig, par: ParallelConfig):
     )
 
 
+def _quiet_row_parallel_group() -> None:
+    """megatron-core 0.16.1's ``RowParallelLinear.forward`` passes ``tp_group=None`` down, so each
+    call resolves the default group through a ``warnings.warn``: Python overhead on the hot path,
+    and under torch.compile a graph break inside every layer that sends the whole transformer
+    block back to eager. Resolve None to the default group without the warning, as upstream's
+    own helper then does."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import layers
+
+    def tp_group_or_default(tp_group, is_expert=False, check_initialized=True):
+        if not dist.is_initialized():
+            return None
+        if tp_group is not None or not parallel_state.is_initialized():
+            return tp_group
+        return (parallel_state.get_expert_tensor_parallel_group(check_initialized)
+                if is_expert else parallel_state.get_tensor_model_parallel_group(check_initialized))
+
+    layers.get_tensor_model_parallel_group_if_none = tp_group_or_default
+
+
 def _seeded_layer_class():
     """megatron's TransformerLayer, initialized from (seed, global layer number) alone.
 
@@ -110,6 +131,7 @@ class MistralLM(nn.Module):
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
 
+        _quiet_row_parallel_group()
         staged = parallel_state.model_parallel_is_initialized()
         self.cfg = cfg
         self.init_seed = torch.initial_seed()

@@ -84,6 +84,24 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                                 ("branching", 4, "FIM branching"), ("top-k", 2, "FIM routed blocks")):
         a.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
     a.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    t = what.add_parser("train", help="training tokens/s of our trainer vs transformers' Mistral, "
+                                      "MFU and a per-phase breakdown",
+                        description="Trains the config's Mistral shape with our trainer (data "
+                                    "loader, DeepSpeed engine, metrics, train.compile as set) and "
+                                    "with transformers' MistralForCausalLM (eager, same batches and "
+                                    "optimizer) in this process; reports median step times, "
+                                    "tokens/s, their ratio, FLOP/s and MFU, peak memory and where "
+                                    "our step time goes. Writes OUT/results.json and OUT/table.md.",
+                        epilog="example: python -m pretrain bench train --config "
+                               "configs/bench_train_tiny.yaml --out reports/bench_train")
+    t.add_argument("--config", required=True, help="a mistral run config (its data must be prepared)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable)")
+    t.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    t.add_argument("--steps", type=int, default=20, help="timed steps, median (default 20)")
+    t.add_argument("--profile-steps", type=int, default=5,
+                   help="extra profiled steps of ours for the phase breakdown (default 5)")
     c = what.add_parser("compare", help="baseline vs variants at equal data and budget -> report.md",
                         description="Trains the baseline and every variant config for --tokens "
                                     "tokens with seeds 0..S-1 (same data order per seed; finished "
@@ -210,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                                   args.overrides, args.runs_dir, args.contexts, args.attention_max_n,
                                   tuple(args.attention_fit), command)
             print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
+            return 0
+        if args.verb == "bench" and args.what == "train":
+            import shlex
+
+            from .bench import train as bench_train
+            command = shlex.join(["python", "-m", "pretrain", *(argv if argv is not None else sys.argv[1:])])
+            bench_train.run(args.config, args.overrides, args.out, args.warmup, args.steps,
+                            args.profile_steps, command)
             return 0
         if args.verb == "bench":
             from .bench import data as bench_data

@@ -174,6 +174,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 10
     threads: int = 0                   # torch intra-op threads; 0 = all cores
+    compile: bool = False              # torch.compile the model (first steps pay the compile time)
     peak_tflops: float = 0.0           # per-device peak for MFU; 0 = a matmul probe at start
     max_skipped_steps: int = 5         # abort after this many updates in a row skipped as non-finite
 
@@ -213,6 +214,11 @@ class RunConfig:
         if self.model.name == "fim_mistral" and self.data.mask_documents:
             raise ConfigError("data.mask_documents=true is not supported by fim_mistral: its summaries "
                               "and routed blocks would need per-document bounds; leave it false")
+        if self.train.compile and (self.parallel.pp > 1 or self.parallel.zero_stage == 3):
+            raise ConfigError("train.compile=true needs parallel.pp=1 and parallel.zero_stage <= 2: "
+                              "pipeline stages take their input through set_input_tensor and ZeRO-3 "
+                              "gathers parameters in module hooks, neither of which torch.compile "
+                              "traces; leave it false for those layouts")
         return self
 
     def to_dict(self) -> dict:

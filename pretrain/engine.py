@@ -41,8 +41,8 @@ class SkippingAdamW(torch.optim.AdamW):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         bad = torch.zeros((), device=device)
-        if grads:
-            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
+        if grads:  # one multi-tensor kernel: a norm is non-finite iff an element is
+            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
         group = parallel_state.get_model_parallel_group(check_initialized=False)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
@@ -60,6 +60,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with the fused (single-kernel, CPU and CUDA) implementation: the same update as the
+    per-parameter loop, several times faster on many small tensors. bench train gives the
+    transformers reference this same optimizer."""
+    o = cfg.optim
+    adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
+    return adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                 fused=True)
 
 
 def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
@@ -86,13 +96,15 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
-    o = cfg.optim
-    adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
-    optimizer = adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, layout), mpu=MegatronMpu(),
         dist_init_required=False)
+    if layout.dp == 1 and cfg.parallel.zero_stage == 0:
+        # One data-parallel rank: DeepSpeed would still flatten every gradient into a bucket,
+        # all-reduce it over that one rank and copy it back, every step.
+        engine.enable_backward_allreduce = False
     return engine
 

@@ -6,11 +6,15 @@ the stages, sending activations forward and gradients back; DeepSpeed then reduc
 over the data-parallel group and steps (ZeRO <= 1). Every stage reads the same micro-batches
 (the loader is keyed by the data-parallel rank), so the document mask is available everywhere;
 the last stage's losses are broadcast to the others for logging.
+
+The ``phase/*`` profiler ranges name the parts of a step; ``bench train`` reads them (a few
+microseconds each while no profiler runs).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -68,21 +72,27 @@ def train_step(engine, micro_batches: list[dict], device, pipelined: bool,
     if not pipelined:
         losses = []
         for batch in micro_batches:
-            loss = engine(**model_inputs(batch, device)).mean()
-            if poison:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()
+            with record_function("phase/forward"):
+                loss = engine(**model_inputs(batch, device)).mean()
+                if poison:
+                    loss = loss * float("nan")
+            with record_function("phase/backward"):
+                engine.backward(loss)
+            with record_function("phase/optimizer"):
+                engine.step()
             losses.append(loss.detach())
         return torch.stack(losses)
-    stats = _schedule(engine, micro_batches, device, forward_only=False, poison=poison)
+    with record_function("phase/forward_backward"):
+        stats = _schedule(engine, micro_batches, device, forward_only=False, poison=poison)
     # The schedule ran backward itself: reduce over data parallel, then step once.
     engine.set_gradient_accumulation_boundary(True)
-    if engine.zero_optimization_stage() == 1:
-        engine.optimizer.reduce_gradients(pipeline_parallel=True)
-    else:
-        engine.allreduce_gradients()
-    engine.step()
+    with record_function("phase/communication"):
+        if engine.zero_optimization_stage() == 1:
+            engine.optimizer.reduce_gradients(pipeline_parallel=True)
+        else:
+            engine.allreduce_gradients()
+    with record_function("phase/optimizer"):
+        engine.step()
     return _from_last_stage(stats[:, 0].contiguous())
 
 

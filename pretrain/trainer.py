@@ -8,9 +8,11 @@ import signal
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from data_pipeline.loader import StreamingLoader
 from data_pipeline.shards import read_manifest
@@ -32,7 +34,9 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite updates; the message names the setting and what to try."""
 
 for _pattern in (".*Apex is not installed.*", ".*Transformer Engine and Apex are not installed.*",
-                 ".*full scope is deprecated.*"):
+                 ".*full scope is deprecated.*",
+                 # megatron's RoPE caches its table with lru_cache; compiled, it is recomputed (cheap)
+                 ".*Dynamo detected a call to a `functools.lru_cache`-wrapped function.*"):
     warnings.filterwarnings("ignore", message=_pattern)
 
 
@@ -155,7 +159,11 @@ class _Window:
         return steps, (loss_sum / finite if finite else None), int(nbytes), wall
 
 
-def train(cfg: RunConfig, resume: str = "auto") -> int:
+def train(cfg: RunConfig, resume: str = "auto",
+          on_step: Callable[[int, float], None] | None = None) -> int:
+    """Train to ``train.steps``; returns an exit status (EXIT_*). ``on_step(step, seconds)`` is
+    called after every step with its wall time, evaluation and checkpointing included (bench
+    train times and profiles steps through it)."""
     from model import get_family
 
     from . import parallel
@@ -182,6 +190,11 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
 
     torch.manual_seed(t.seed)
     model = family.build(cfg.model, cfg.parallel).to(layout.device)
+    if t.compile:
+        if layout.device.type == "cpu":
+            import torch._inductor.config as inductor_config
+            inductor_config.cpp_wrapper = True  # kernels launched from C++: less Python per step
+        model.compile()  # in place: parameter names, hence checkpoints, stay those of eager
     engine = build_engine(cfg, model, layout)
 
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
@@ -235,6 +248,27 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
     batches = iter(data)
     last_saved = step
     window = _Window(layout.device)
+
+    def log_window() -> None:
+        """One metrics record for the steps since the last one (one host sync per log line)."""
+        nonlocal nbytes
+        steps, loss_avg, window_bytes, wall = window.reduce()
+        nbytes += window_bytes
+        tps = steps * tokens_per_step / wall
+        tflops = tps * flops_per_token / layout.world_size / 1e12  # per device
+        record = {"step": step, "loss": loss_avg, "lr": engine.get_lr()[0], "tokens": tokens,
+                  "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed,
+                  "tflops_per_device": tflops, "mfu": tflops / peak_tflops,
+                  "peak_mem_mb": peak_memory_mb(layout.device), "skipped_steps": skipped}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if d.on_error == "skip":
+            record["data_skipped_shards"] = skipped_shards(data)
+        logger.log(record)
+        logger.advance(steps, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
+                               "tok/s": f"{tps:,.0f}", "mfu": f"{record['mfu']:.0%}"})
+
     try:
         if step >= t.steps:
             logger.print(f"run already complete at step {step} (train.steps={t.steps})")
@@ -243,11 +277,13 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
             run_eval(0)
         while step < t.steps:
             t0 = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            with record_function("phase/data"):
+                micro_batches = [next(batches) for _ in range(t.grad_accum)]
             losses = train_step(engine, micro_batches, layout.device, pipelined=layout.pp > 1,
                                 poison=step + 1 in nan_steps)
-            for loss, batch in zip(losses, micro_batches):
-                window.add(loss, data.target_bytes(batch["labels"]).sum())
+            with record_function("phase/logging"):
+                for loss, batch in zip(losses, micro_batches):
+                    window.add(loss, data.target_bytes(batch["labels"]).sum())
             if not engine.was_step_applied():  # non-finite gradients: DeepSpeed skipped the update
                 skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
                 if skipped_in_a_row > t.max_skipped_steps:
@@ -264,28 +300,17 @@ def train(cfg: RunConfig, resume: str = "auto") -> int:
             window.steps += 1
 
             if step % t.log_every == 0 or step == t.steps:
-                steps, loss_avg, window_bytes, wall = window.reduce()
-                nbytes += window_bytes
-                tps = steps * tokens_per_step / wall
-                tflops = tps * flops_per_token / layout.world_size / 1e12  # per device
-                record = {"step": step, "loss": loss_avg, "lr": engine.get_lr()[0], "tokens": tokens,
-                          "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed,
-                          "tflops_per_device": tflops, "mfu": tflops / peak_tflops,
-                          "peak_mem_mb": peak_memory_mb(layout.device), "skipped_steps": skipped}
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                if d.on_error == "skip":
-                    record["data_skipped_shards"] = skipped_shards(data)
-                logger.log(record)
-                logger.advance(steps, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
-                                       "tok/s": f"{tps:,.0f}",
-                                       "mfu": f"{record['mfu']:.0%}"})
+                with record_function("phase/logging"):
+                    log_window()
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                run_eval(step)
+                with record_function("phase/evaluation"):
+                    run_eval(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
-                save(step)
+                with record_function("phase/checkpoint"):
+                    save(step)
                 last_saved = step
+            if on_step is not None:
+                on_step(step, time.perf_counter() - t0)
             if stop.requested(layout.world_size):
                 steps, _, window_bytes, _ = window.reduce()  # count unlogged steps before saving
                 nbytes += window_bytes

@@ -83,6 +83,9 @@ def test_dry_run_rejects_impossible_layout():
 @pytest.mark.parametrize("sets, message", [
     (["parallel.pp=2", "parallel.zero_stage=2"], "parallel.pp=2 needs parallel.zero_stage 0 or 1"),
     (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tp > 1"),
+    (["train.compile=true", "parallel.pp=2", "parallel.zero_stage=1"],
+     "train.compile=true needs parallel.pp=1"),
+    (["train.compile=true", "parallel.zero_stage=3"], "train.compile=true needs parallel.pp=1"),
 ])
 def test_parallel_options_that_cannot_work_are_refused(sets, message):
     with pytest.raises(ConfigError, match=message):

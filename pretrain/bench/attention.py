@@ -51,6 +51,7 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
 
     from model.attention import causal_attention
     from model.fim_attention import FimGeometry, fim_attention
+    from pretrain.throughput import cpu_peak_bytes, reset_cpu_peak
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -84,7 +85,7 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _reset_cpu_peak()
+        base = reset_cpu_peak()
     step()
     sync()
     times = []
@@ -93,34 +94,8 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
         step()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() if cuda else _cpu_peak()
+    peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes()
     return {"n": n, "fwd_bwd_ms": statistics.median(times), "peak_mb": max(peak - base, 0) / 2**20}
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _reset_cpu_peak() -> int:
-    """Reset Linux's peak-RSS mark (``echo 5 > /proc/self/clear_refs``); return current RSS bytes.
-    Where that is not possible, the process's lifetime peak (ru_maxrss) is the fallback."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kb("VmRSS") * 1024
-    except OSError:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _cpu_peak() -> int:
-    try:
-        return _status_kb("VmHWM") * 1024
-    except OSError:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(args):

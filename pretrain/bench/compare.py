@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import yaml
 
 from ..config import RunConfig, load_config, save_config
 from ..metrics import read_metrics
-from . import stats
+from . import provenance, stats
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,24 +136,6 @@ def aggregate(name: str, config_path: str, cfg: RunConfig, runs: list[dict]) -> 
     return arm
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _hardware() -> dict:
-    import os
-
-    import torch
-
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def run(baseline: str, variants: list[str], seeds: int, tokens: int, out: str, overrides: list[str],
         runs_dir: str, contexts: list[int], attention_max_n: int, attention_fit: tuple[int, int],
         command: str) -> dict:
@@ -182,8 +163,8 @@ def run(baseline: str, variants: list[str], seeds: int, tokens: int, out: str, o
     print("--- attention scaling", flush=True)
     scaling = attention.run(str(out_dir / "attention"), min_n=min(1024, attention_fit[0]),
                             max_n=attention_max_n, shape=shape, fit_range=attention_fit)
-    results = {"benchmark": "compare", "command": command, "commit": _commit(),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hardware": _hardware(),
+    results = {"benchmark": "compare", "command": command, "commit": provenance.commit(),
+               "date": provenance.utc_now(), "hardware": provenance.hardware(),
                "baseline": base, "variants": names[1:], "claims_arm": claims_arm, "seeds": seeds,
                "tokens": tokens, "contexts": contexts, "arms": arms, "attention": scaling}
     results["claims"] = stats.claim_verdicts(results) if len(names) > 1 else []
