@@ -25,30 +25,46 @@ def lr_lambda(cfg: RunConfig):
 
 
 class SkippingAdamW(torch.optim.AdamW):
-    """AdamW that skips an update whose gradients are not all finite and reports it through
-    ``overflow``, the attribute DeepSpeed's engine reads from its fp16 optimizers: the engine then
-    leaves the LR schedule alone and ``was_step_applied()`` is False. Used without ZeRO only:
-    ZeRO's optimizer makes the same check on its partitioned gradients. Tensor and pipeline
-    ranks hold different parameters, so they agree on the verdict over megatron's model-parallel
-    group (data-parallel ranks already share reduced gradients)."""
+    """The ZeRO-0 optimizer: AdamW that computes the global gradient norm itself, clips by it,
+    and skips an update whose gradients are not all finite.
+
+    A skip is reported through ``overflow`` and the norm through ``_global_grad_norm``, the
+    attributes DeepSpeed's engine reads from its own optimizers: the engine then leaves the LR
+    schedule alone, ``was_step_applied()`` is False, and ``get_global_grad_norm()`` reports the
+    norm. The norm counts tensor-parallel shards on every rank and replicated parameters once
+    (on TP rank 0), summed over megatron's TP x PP group, as megatron does. (DeepSpeed's own
+    ZeRO-0 clipping counts replicated parameters on model-parallel rank 0 only, which leaves out
+    every later pipeline stage's norm weights.) ZeRO >= 1 optimizers do all this themselves."""
 
     overflow = False
 
+    def __init__(self, params, *, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self._global_grad_norm = None
+
     def step(self, closure=None):
         import torch.distributed as dist
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
-        bad = torch.zeros((), device=device)
-        if grads:  # one multi-tensor kernel: a norm is non-finite iff an element is
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
-        group = parallel_state.get_model_parallel_group(check_initialized=False)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        tp_rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        own = [g for p, g in zip(params, grads)
+               if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+        squares = torch.zeros((), device=grads[0].device if grads else "cpu")
+        if own:  # one multi-tensor kernel; a non-finite element makes the norm non-finite
+            squares = torch.stack(torch._foreach_norm(own)).float().square().sum()
+        group = ps.get_model_parallel_group(check_initialized=False)
         if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-        self.overflow = bool(bad.item())
+            dist.all_reduce(squares, group=group)
+        norm = squares.sqrt()
+        self._global_grad_norm = norm
+        self.overflow = not bool(torch.isfinite(norm))
         if self.overflow:
             return None
+        if self.max_grad_norm > 0 and grads:  # DeepSpeed's formula, without a host sync
+            torch._foreach_mul_(grads, torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
         return super().step(closure)
 
 
@@ -67,9 +83,11 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     per-parameter loop, several times faster on many small tensors. bench train gives the
     transformers reference this same optimizer."""
     o = cfg.optim
-    adamw = SkippingAdamW if cfg.parallel.zero_stage == 0 else torch.optim.AdamW
-    return adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                 fused=True)
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    if cfg.parallel.zero_stage > 0:
+        return torch.optim.AdamW(param_groups(model, o.weight_decay), **kwargs)
+    clip_here = o.grad_clip if cfg.parallel.dtype == "fp32" else 0.0  # bf16: DeepSpeed's wrapper clips
+    return SkippingAdamW(param_groups(model, o.weight_decay), max_grad_norm=clip_here, **kwargs)
 
 
 def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
@@ -84,8 +102,9 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    # Always explicit: DeepSpeed clips at 1.0 when the key is absent. fp32 ZeRO-0: SkippingAdamW clips.
+    deepspeed_clips = cfg.parallel.zero_stage > 0 or cfg.parallel.dtype == "bf16"
+    ds["gradient_clipping"] = cfg.optim.grad_clip if deepspeed_clips else 0.0
     if cfg.parallel.dtype == "bf16":
         # ZeRO's optimizer skips an update with a non-finite gradient norm; for bf16 only if asked.
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}

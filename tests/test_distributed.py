@@ -20,8 +20,14 @@ def single_process_run(dataset, tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.pp": 2}],
-                         ids=["tp2", "pp2"])
+def grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir / "metrics.jsonl")
+            if "grad_norm" in r}
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tp": 2}, {"parallel.pp": 2},
+                                    {"parallel.pp": 2, "parallel.zero_stage": 0}],
+                         ids=["tp2", "pp2", "pp2-zero0"])
 def test_model_parallel_matches_one_process(dataset, tmp_path, single_process_run, layout):
     """TP=2 splits every layer over two ranks; PP=2 puts one layer on each rank, driven by
     megatron's pipeline schedule. The model, its initial weights and its data are those of one
@@ -35,6 +41,11 @@ def test_model_parallel_matches_one_process(dataset, tmp_path, single_process_ru
     assert sorted(losses) == sorted(expected)
     for step, loss in expected.items():
         assert losses[step] == pytest.approx(loss, abs=1e-5), step
+    # the clipping norm covers every parameter once: sharded ones on all ranks, replicated ones once
+    expected_norms, norms = grad_norms(single_process_run), grad_norms(run_dir)
+    assert sorted(norms) == sorted(expected_norms)
+    for step, norm in expected_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=1e-5), step
     weights = []
     for src in (single_process_run, run_dir):
         out = tmp_path / f"export_{src.name}"

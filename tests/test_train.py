@@ -248,3 +248,43 @@ def test_skipped_step_count_survives_resume(dataset, tmp_path):
     resumed = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
     assert [r["skipped_steps"] for r in resumed] == [r["skipped_steps"] for r in uninterrupted]
     assert resumed[-1]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("zero_stage, dtype, grad_clip, deepspeed_clip, ours", [
+    (1, "fp32", 1.0, 1.0, None), (1, "fp32", 0.0, 0.0, None),   # 0 disables (DeepSpeed's default is 1)
+    (0, "fp32", 0.5, 0.0, 0.5), (0, "bf16", 0.5, 0.5, 0.0)])
+def test_gradient_clipping_is_done_once_and_zero_disables_it(dataset, tmp_path, zero_stage, dtype,
+                                                             grad_clip, deepspeed_clip, ours):
+    from pretrain.engine import SkippingAdamW, build_optimizer, deepspeed_config
+    from pretrain.parallel import Layout
+
+    cfg = load_config_tiny(dataset, tmp_path, zero_stage, dtype, grad_clip)
+    layout = Layout(0, 1, 0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
+    assert deepspeed_config(cfg, layout)["gradient_clipping"] == deepspeed_clip
+    optimizer = build_optimizer(cfg, torch.nn.Linear(4, 4))
+    assert isinstance(optimizer, SkippingAdamW) == (zero_stage == 0)
+    if ours is not None:
+        assert optimizer.max_grad_norm == ours
+
+
+def load_config_tiny(dataset, tmp_path, zero_stage, dtype, grad_clip):
+    from conftest import tiny_config
+
+    return tiny_config(dataset, tmp_path / "run", **{"parallel.zero_stage": zero_stage,
+                                                      "parallel.dtype": dtype,
+                                                      "optim.grad_clip": grad_clip})
+
+
+def test_zero0_clips_by_the_global_norm_and_reports_it(session):
+    from pretrain.engine import SkippingAdamW
+
+    weights = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    weights[0].grad, weights[1].grad = torch.full((3,), 2.0), torch.full((4,), 1.0)
+    optimizer = SkippingAdamW(weights, max_grad_norm=1.0, lr=0.0)
+    optimizer.step()
+    assert float(optimizer._global_grad_norm) == pytest.approx(4.0)  # sqrt(3*4 + 4*1)
+    clipped = torch.cat([w.grad for w in weights]).norm()
+    assert float(clipped) == pytest.approx(1.0, rel=1e-5) and not optimizer.overflow
+    weights[1].grad[0] = float("nan")
+    optimizer.step()
+    assert optimizer.overflow
