@@ -172,7 +172,6 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
     transformers step runs, so both sides are timed under the same machine conditions (shared
     2-core machines drift by 10% from minute to minute). Then ``profile_steps`` profiled steps of
     ours give the phase breakdown. Peak memory: the rise during each side's warm-up steps."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from ..trainer import EXIT_OK, train
