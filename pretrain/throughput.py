@@ -58,3 +58,19 @@ def cpu_peak_bytes() -> int:
         return _status_kb("VmHWM") * 1024
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Start a peak-memory window; returns the baseline (bytes) for peak_memory_since."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return reset_cpu_peak()
+
+
+def peak_memory_since(device: torch.device, base: int) -> float:
+    """MB by which the peak since reset_peak_memory rose above its baseline (GPU: allocated
+    memory; CPU: resident set)."""
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else cpu_peak_bytes()
+    return max(peak - base, 0) / 2**20

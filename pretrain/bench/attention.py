@@ -51,7 +51,7 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
 
     from model.attention import causal_attention
     from model.fim_attention import FimGeometry, fim_attention
-    from pretrain.throughput import cpu_peak_bytes, reset_cpu_peak
+    from pretrain.throughput import peak_memory_since, reset_peak_memory
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -80,12 +80,7 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
             torch.cuda.synchronize()
 
     # The peak is taken over the warm-up too (it builds cached masks).
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = reset_cpu_peak()
+    base = reset_peak_memory(torch.device(device))
     step()
     sync()
     times = []
@@ -94,8 +89,8 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
         step()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes()
-    return {"n": n, "fwd_bwd_ms": statistics.median(times), "peak_mb": max(peak - base, 0) / 2**20}
+    return {"n": n, "fwd_bwd_ms": statistics.median(times),
+            "peak_mb": peak_memory_since(torch.device(device), base)}
 
 
 def _child(args):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
+from ..throughput import peak_memory_since, reset_peak_memory
 from . import provenance
 
 FLOP_FORMULA = "6 * matmul_parameters + 12 * layers * hidden * min(seq, window)"
@@ -46,26 +47,6 @@ def peak_tflops(device) -> tuple[float, str]:
                 return peak, f"{name} dense bf16 peak (datasheet)"
         return matmul_probe_tflops(device, torch.bfloat16, 2.0), f"{name} bf16 matmul probe"
     return matmul_probe_tflops(device, torch.float32, 2.0), "fp32 1024x1024 matmul probe, this run"
-
-
-def _reset_peak(device) -> int:
-    import torch
-
-    from ..throughput import reset_cpu_peak
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return reset_cpu_peak()
-
-
-def _peak_mb(device, base: int) -> float:
-    import torch
-
-    from ..throughput import cpu_peak_bytes
-
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else cpu_peak_bytes()
-    return max(peak - base, 0) / 2**20
 
 
 def _sync(device) -> None:
@@ -176,11 +157,11 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
 
     from ..trainer import EXIT_OK, train
 
-    base = _reset_peak(device)
+    base = reset_peak_memory(device)
     reference = TransformersReference(cfg, device)
     for _ in range(warmup):
         reference.step()
-    hf = {"peak_mem_mb": _peak_mb(device, base), "step_times_s": []}
+    hf = {"peak_mem_mb": peak_memory_since(device, base), "step_times_s": []}
 
     t = cfg.train
     t.steps = warmup + steps + 1 + profile_steps  # +1: the profiler's own warm-up step
@@ -190,13 +171,13 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     ours: dict = {"step_times_s": []}
     times: list[float] = []
-    base = _reset_peak(device)
+    base = reset_peak_memory(device)
     with profile(activities=activities,
                  schedule=schedule(wait=warmup + steps, warmup=1, active=profile_steps)) as prof:
         def on_step(step: int, seconds: float) -> None:
             times.append(seconds)
             if step == warmup:
-                ours["peak_mem_mb"] = _peak_mb(device, base)
+                ours["peak_mem_mb"] = peak_memory_since(device, base)
             if warmup < step <= warmup + steps:
                 ours["step_times_s"].append(seconds)
                 hf["step_times_s"].append(reference.step())
