@@ -18,6 +18,9 @@ from .attention import SlidingWindowCoreAttention
 def transformer_config(cfg: ModelConfig, par: ParallelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from kernels import rotary
+
+    rotary.install()  # before TransformerConfig: it checks that a fused RoPE is available
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if par.dtype == "bf16" else torch.float32
     return TransformerConfig(
@@ -46,7 +49,7 @@ def transformer_config(cfg: ModelConfig, par: ParallelConfig):
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=True,            # megatron's hook for a fused RoPE: kernels/rotary.py
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         batch_p2p_comm=on_gpu,             # the batched path calls torch.cuda.synchronize

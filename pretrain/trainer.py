@@ -21,7 +21,7 @@ from . import checkpoint
 from .config import ConfigError, RunConfig, save_config
 from .metrics import RunLogger
 from .steps import eval_losses, train_step
-from .throughput import matmul_probe_tflops, peak_memory_mb
+from .throughput import matmul_probe_tflops, peak_memory_mb, retain_freed_host_memory
 
 EXIT_OK = 0
 EXIT_DIVERGED = 3   # train.max_skipped_steps updates in a row had non-finite gradients
@@ -190,6 +190,8 @@ def train(cfg: RunConfig, resume: str = "auto",
 
     torch.manual_seed(t.seed)
     model = family.build(cfg.model, cfg.parallel).to(layout.device)
+    if layout.device.type == "cpu":
+        retain_freed_host_memory()
     if t.compile:
         if layout.device.type == "cpu":
             import torch._inductor.config as inductor_config

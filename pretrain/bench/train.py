@@ -151,7 +151,8 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
               device) -> tuple[dict, dict]:
     """Warm transformers up, then run ``trainer.train``: after each of our timed steps one
     transformers step runs, so both sides are timed under the same machine conditions (shared
-    2-core machines drift by 10% from minute to minute). Then ``profile_steps`` profiled steps of
+    2-core machines drift by 10% from minute to minute; the host-allocator setting the trainer
+    applies on CPU is process-wide, so transformers' timed steps run under it too). Then ``profile_steps`` profiled steps of
     ours give the phase breakdown. Peak memory: the rise during each side's warm-up steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
