@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -157,6 +158,14 @@ class _Window:
         steps, wall = self.steps, time.perf_counter() - self.start
         self.reset()
         return steps, (loss_sum / finite if finite else None), int(nbytes), wall
+
+
+def _report_rank(layout, what: str) -> None:
+    """One line from every rank of a multi-process run, so each node's log shows its own ranks
+    got to the end (the run's log records come from rank 0 only)."""
+    if layout.world_size > 1:
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"rank {layout.rank}/{layout.world_size} on {node}: {what}", flush=True)
 
 
 def train(cfg: RunConfig, resume: str = "auto",
@@ -321,12 +330,14 @@ def train(cfg: RunConfig, resume: str = "auto",
                     save(step)
                 logger.print(f"stopped by signal {stop.signum} at step {step}; run the same "
                              f"command again to resume")
+                _report_rank(layout, f"stopped at step {step}")
                 return EXIT_STOPPED
         result = run_eval(step)
         if step != last_saved:
             save(step)
         logger.print(f"done: {step} steps, {tokens:,} tokens, final val bpb {result['bpb']:.4f}, "
                      f"run dir {run_dir}")
+        _report_rank(layout, f"finished at step {step}")
         return EXIT_OK
     finally:
         stop.restore()

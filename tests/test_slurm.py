@@ -1,0 +1,190 @@
+"""The sbatch scripts against a real Slurm cluster (slurm/local_cluster.sh: slurmctld and two
+slurmd on this machine). Select with ``-m slurm``. Where no cluster can be started (not root, no
+Slurm and no apt) the tests skip and say why; CI (.ci/run) starts the cluster, so they run there.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_overrides
+from test_train import losses_by_step
+
+pytestmark = pytest.mark.slurm
+CLUSTER = ROOT / "slurm" / "local_cluster.sh"
+SBATCH = ROOT / "slurm" / "pretrain.sbatch"
+DAEMONS = {"slurmctld", "slurmd", "slurmstepd", "munged"}
+STEPS = 200  # ~30 ms each here: time to deliver the preemption signal mid-run
+
+
+def _why_no_cluster() -> str | None:
+    if sys.platform != "linux":
+        return "Slurm integration tests need Linux"
+    if os.geteuid() != 0:
+        return "slurm/local_cluster.sh needs root to start slurmctld/slurmd (not root here)"
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        return "Slurm is not installed and there is no apt-get to install it"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Start the local cluster unless one is up (CI starts it); stop it after if we started it."""
+    reason = _why_no_cluster()
+    if reason:
+        pytest.skip(reason)
+    was_up = subprocess.run([CLUSTER, "status"], capture_output=True).returncode == 0
+    if not was_up:
+        started = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=600)
+        assert started.returncode == 0, started.stdout + started.stderr
+    yield
+    if not was_up:
+        subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=120)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def submit(tmp_path: Path, name: str, overrides: list[str]) -> str:
+    env = {**os.environ, "PRETRAIN_PYTHON": sys.executable,
+           "PRETRAIN_LOG_ROOT": str(tmp_path / "logs"), "WANDB_MODE": "offline"}
+    args = [a for o in overrides for a in ("--set", o)]
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out",
+         str(SBATCH), "--config", "configs/mistral_tiny.yaml", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def wait_for(job_id: str, *states: str, timeout: float = 300) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        if info["JobState"] in states:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout:.0f} s: {info}")
+
+
+def logs(tmp_path: Path, name: str, job_id: str) -> tuple[str, str]:
+    """(batch script output, the node logs concatenated)."""
+    batch = (tmp_path / f"{name}-{job_id}.out").read_text()
+    nodes = "".join(p.read_text() for p in sorted((tmp_path / "logs" / f"{name}-{job_id}").glob("node*.log")))
+    return batch, nodes
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, dataset, tmp_path_factory):
+    """A 2-node x 1-task gloo job run to the end: (tmp dir, job id, losses by step)."""
+    tmp = tmp_path_factory.mktemp("slurm_full")
+    run_dir = tmp / "run"
+    job = submit(tmp, "full", tiny_overrides(dataset, run_dir, **{"train.steps": STEPS}))
+    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    return tmp, job, info, losses_by_step(run_dir)
+
+
+def test_two_node_job_completes_with_both_ranks_training(uninterrupted):
+    tmp, job, info, losses = uninterrupted
+    batch, nodes = logs(tmp, "full", job)
+    assert info["JobState"] == "COMPLETED", batch + nodes[-3000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "pnode[1-2]"
+    assert "2 node(s) x 1 process(es)" in batch
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for rank in (0, 1):  # each rank reports from its own node's log
+        assert f"rank {rank}/2 on pnode" in nodes and f"finished at step {STEPS}" in nodes
+    assert "on pnode1: finished" in nodes and "on pnode2: finished" in nodes
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, dataset, tmp_path):
+    _, _, _, reference = uninterrupted
+    run_dir = tmp_path / "run"
+    job = submit(tmp_path, "preempt", tiny_overrides(dataset, run_dir, **{"train.steps": STEPS}))
+    deadline = time.monotonic() + 300
+    while len(losses_by_step(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}) < 5:
+        assert time.monotonic() < deadline, job_info(job)
+        assert job_info(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job)
+        time.sleep(0.2)
+    # What --signal=B:USR1@N does at the time limit: SIGUSR1 to the batch script.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+
+    deadline = time.monotonic() + 120
+    while (info := job_info(job))["Restarts"] == "0" or info["JobState"] != "PENDING":
+        assert info["JobState"] not in ("COMPLETED", "FAILED"), f"not requeued: {info}"
+        assert time.monotonic() < deadline, f"not requeued: {info}"
+        time.sleep(0.5)
+    # Slurm holds a requeued job ~2 minutes (BeginTime); release it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    batch, nodes = logs(tmp_path, "preempt", job)
+    assert info["JobState"] == "COMPLETED", batch + nodes[-3000:]
+    assert "SIGUSR1" in batch and "requeueing job" in batch and "restart 1:" in batch
+    stopped_at = int(nodes.split("stopped by signal 15 at step ")[1].split(";")[0])
+    assert 5 <= stopped_at < STEPS
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in nodes
+    resumed = losses_by_step(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert resumed == reference  # every step, before and after the requeue, as if never stopped
+
+
+def test_bad_config_job_fails_with_the_error_in_its_log(cluster, dataset, tmp_path):
+    job = submit(tmp_path, "bad", tiny_overrides(dataset, tmp_path / "run", **{"model.no_such_key": 1}))
+    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    batch, _ = logs(tmp_path, "bad", job)
+    assert info["JobState"] == "FAILED", info
+    assert info["ExitCode"].startswith("2:"), info  # the CLI's configuration-error status
+    assert "model.no_such_key" in batch and "config check failed" in batch
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+RAY_PROBE = """
+import ray
+ray.init(log_to_driver=False)
+print("alive nodes", sum(n["Alive"] for n in ray.nodes()))
+"""
+
+
+def test_ray_cluster_job_runs_the_command_against_every_node(cluster, tmp_path):
+    env = {**os.environ, "PRETRAIN_PYTHON": sys.executable, "PRETRAIN_LOG_ROOT": str(tmp_path / "logs")}
+    out = subprocess.run(["sbatch", "--parsable", "--job-name=ray", f"--output={tmp_path}/%x-%j.out",
+                          str(ROOT / "slurm" / "ray_cluster.sbatch"), sys.executable, "-c", RAY_PROBE],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    batch = (tmp_path / f"ray-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", batch[-3000:]
+    assert "Ray cluster ready: 2/2 nodes" in batch and "alive nodes 2" in batch
+    assert "stopping Ray on 2 node(s)" in batch
+    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    assert not [p for p in ps.splitlines() if "raylet" in p and not p.startswith("Z")]
+
+
+def test_local_cluster_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
+    # Runs last in this module: it stops the cluster, then starts it again for whoever started it.
+    again = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
+    assert subprocess.run([CLUSTER, "status"], capture_output=True).returncode == 0
+
+    stopped = subprocess.run([CLUSTER, "stop"], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    ps = subprocess.run(["ps", "-eo", "pid=,stat=,comm="], capture_output=True, text=True).stdout
+    left = [line for line in ps.splitlines() if line.split()[2] in DAEMONS
+            and not line.split()[1].startswith("Z")]  # exited, awaiting their parent's wait
+    assert not left, f"daemons still running after stop: {left}"
+    assert subprocess.run([CLUSTER, "status"], capture_output=True).returncode != 0
+
+    restarted = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                          text=True).stdout.split() == ["pnode1", "idle", "pnode2", "idle"]
