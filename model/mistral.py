@@ -106,19 +106,57 @@ def _seeded_layer_class():
     return SeededTransformerLayer
 
 
+def _swiglu_mlp_class():
+    """megatron's MLP with the gated activation done by ``kernels.swiglu`` (fused on CUDA)."""
+    from megatron.core.transformer.mlp import MLP
+
+    from kernels.swiglu import swiglu
+
+    class SwiGLUMLP(MLP):
+        def forward(self, hidden_states, per_token_scale=None, **kwargs):
+            assert per_token_scale is None, "per-token scaling is a MoE feature"
+            intermediate, _ = self.linear_fc1(hidden_states)  # [gate | up], no bias
+            return self.linear_fc2(swiglu(intermediate))
+
+    return SwiGLUMLP
+
+
 def layer_spec(cfg: ModelConfig, init_seed: int = 0, core_attention=None):
-    """megatron's local GPT layer (RMSNorm, SwiGLU) with our core attention: the sliding-window
-    baseline unless a variant passes its own ``ModuleSpec``."""
+    """megatron's local GPT layer with our core attention (the sliding-window baseline unless a
+    variant passes its own ``ModuleSpec``), RMSNorm and SwiGLU from ``kernels/``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from kernels.rmsnorm import RMSNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.module = _seeded_layer_class()
     spec.params = {**spec.params, "init_seed": init_seed}
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.mlp.module = _swiglu_mlp_class()
     spec.submodules.self_attention.submodules.core_attention = core_attention or ModuleSpec(
         module=SlidingWindowCoreAttention,
         params={"sliding_window": cfg.sliding_window, "backend": cfg.attention_backend})
     return spec
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    from kernels.cross_entropy import cross_entropy
+
+    class GPTModelWithOurLoss(GPTModel):
+        """GPTModel whose loss over unsharded logits (TP = 1) is ``kernels.cross_entropy``;
+        vocabulary-sharded logits keep megatron's vocab-parallel loss."""
+
+        def compute_language_model_loss(self, labels, logits):
+            if self.config.tensor_model_parallel_size > 1:
+                return super().compute_language_model_loss(labels, logits)
+            # logits [s, b, V], labels [b, s] -> loss [b, s], as megatron returns it
+            return cross_entropy(logits, labels.transpose(0, 1)).transpose(0, 1).contiguous()
+
+    return GPTModelWithOurLoss
 
 
 class MistralLM(nn.Module):
@@ -134,13 +172,24 @@ class MistralLM(nn.Module):
         from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
 
+        from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                                 get_num_layers_to_build)
+
+        from kernels import dispatch
+        from kernels.rmsnorm import RMSNorm
+
         _quiet_row_parallel_group()
+        dispatch.set_mode(cfg.kernels)
         staged = parallel_state.model_parallel_is_initialized()
         self.cfg = cfg
         self.init_seed = torch.initial_seed()
-        self.gpt = GPTModel(
-            config=transformer_config(cfg, par),
-            transformer_layer_spec=layer_spec(cfg, self.init_seed, core_attention),
+        config = transformer_config(cfg, par)
+        spec = layer_spec(cfg, self.init_seed, core_attention)
+        self.gpt = _gpt_model_class()(
+            config=config,
+            # The block megatron would build from a layer spec, with our RMSNorm as the final norm.
+            transformer_layer_spec=TransformerBlockSubmodules(
+                layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm),
             pre_process=parallel_state.is_pipeline_first_stage() if staged else True,
             post_process=parallel_state.is_pipeline_last_stage() if staged else True,
             vocab_size=cfg.vocab_size,

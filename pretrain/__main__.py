@@ -84,6 +84,17 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                                 ("branching", 4, "FIM branching"), ("top-k", 2, "FIM routed blocks")):
         a.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
     a.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    k = what.add_parser("kernels", help="fused kernels vs torch eager and torch.compile: time and "
+                                        "bandwidth (Triton on CUDA; references only on CPU)",
+                        description="Times forward+backward of each op in kernels/ (RMSNorm, "
+                                    "SwiGLU, rotary, cross-entropy) as the torch reference (eager "
+                                    "and torch.compile) and, on CUDA, as our Triton kernel. Writes "
+                                    "OUT/results.json and OUT/table.md.")
+    k.add_argument("--out", required=True, help="output directory")
+    k.add_argument("--repeats", type=int, default=20, help="timed calls per point, median (default 20)")
+    k.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                   choices=["rmsnorm", "swiglu", "rotary", "cross_entropy"],
+                   help="only these ops (default: all)")
     t = what.add_parser("train", help="training tokens/s of our trainer vs transformers' Mistral, "
                                       "MFU and a per-phase breakdown",
                         description="Trains the config's Mistral shape with our trainer (data "
@@ -228,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                                   args.overrides, args.runs_dir, args.contexts, args.attention_max_n,
                                   tuple(args.attention_fit), command)
             print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
+            return 0
+        if args.verb == "bench" and args.what == "kernels":
+            from .bench import kernels as bench_kernels
+            bench_kernels.run(args.out, args.repeats, args.ops)
             return 0
         if args.verb == "bench" and args.what == "train":
             import shlex

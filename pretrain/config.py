@@ -86,6 +86,9 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     attention_backend: Literal["sdpa", "reference"] = "sdpa"
+    # auto: fused Triton kernels (kernels/) on CUDA, their torch references elsewhere;
+    # reference: the torch references everywhere (to compare numerics or rule a kernel out)
+    kernels: Literal["auto", "reference"] = "auto"
     fim: FimConfig = field(default_factory=FimConfig)  # used by model.name=fim_mistral
 
     def validate(self) -> None:

@@ -1,11 +1,105 @@
-"""Kernels against their references (and the references against megatron's own formulas)."""
+"""Kernels against their references (and the references against megatron's own formulas).
+
+Without a GPU the Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1),
+forced with dispatch mode "triton"; with one they are compiled for real. Shapes are small and
+deliberately not multiples of the kernels' blocks."""
 import pytest
 import torch
 
-from kernels import rotary
+from kernels import cross_entropy, dispatch, rmsnorm, rotary, swiglu
+
+DTYPES = [torch.float32, torch.float16]
+# fp16: the kernels compute in fp32 and round once; compared with the fp32 reference rounded once.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture
+def triton_mode():
+    previous = dispatch.mode()
+    dispatch.set_mode("triton")
+    yield
+    dispatch.set_mode(previous)
+
+
+def check_against_reference(kernel, reference, inputs, dtype, grad_inputs=None):
+    """Outputs and input gradients of ``kernel(*inputs)`` (in dtype) against ``reference`` run
+    in fp32 on the same values."""
+    gen = torch.Generator().manual_seed(1)
+    ours_in = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
+    ref_in = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in ours_in]
+    out, ref = kernel(*ours_in), reference(*ref_in)
+    assert out.dtype == (torch.float32 if kernel is cross_entropy.cross_entropy else dtype)
+    torch.testing.assert_close(out.float(), ref.to(out.dtype).float(), **TOL[dtype])
+    grad = torch.randn(out.shape, generator=gen).to(out.dtype)
+    wrt = [i for i, t in enumerate(ours_in) if t.is_floating_point()]
+    got = torch.autograd.grad(out, [ours_in[i] for i in wrt], grad)
+    want = torch.autograd.grad(ref, [ref_in[i] for i in wrt], grad.float())
+    for g_ours, g_ref in zip(got, want):
+        torch.testing.assert_close(g_ours.float(), g_ref.to(g_ours.dtype).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 20), (7, 1000)])  # 20: not a power of two; 7 x 1000 rows
+def test_rmsnorm_kernel_matches_reference(triton_mode, dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w = 1 + 0.1 * torch.randn(shape[-1], generator=g)
+    check_against_reference(lambda a, b: rmsnorm.rmsnorm(a, b, 1e-5),
+                            lambda a, b: rmsnorm.rmsnorm_reference(a, b, 1e-5), [x, w], dtype)
+
+
+def test_rmsnorm_backward_splits_rows_over_programs(triton_mode):
+    # 1100 rows > 512 programs: several rows per program, the last program partly empty.
+    g = torch.Generator().manual_seed(0)
+    check_against_reference(lambda a, b: rmsnorm.rmsnorm(a, b, 1e-6),
+                            lambda a, b: rmsnorm.rmsnorm_reference(a, b, 1e-6),
+                            [torch.randn(1100, 12, generator=g), torch.rand(12, generator=g)],
+                            torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 2, 2 * 37), (3, 2 * 1500)])  # 1500 > one 1024 block
+def test_swiglu_kernel_matches_reference(triton_mode, dtype, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    check_against_reference(swiglu.swiglu, swiglu.swiglu_reference, [x], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [3, 20])  # 20 > one block of 16 heads
+def test_rotary_kernel_matches_reference(triton_mode, dtype, heads):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(9, 2, heads, 16, generator=g)
+    freqs = _angles(9, 16)
+    freqs[..., 8:] *= 1.5  # unequal halves: the kernel must not assume megatron's cat((f, f))
+    check_against_reference(lambda a: rotary.apply_rotary(a, freqs),
+                            lambda a: rotary.rotary_reference(a, freqs), [t], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab, block", [(1000, 256), (384, 4096)])  # chunked / one chunk
+def test_cross_entropy_kernel_matches_reference(triton_mode, monkeypatch, dtype, vocab, block):
+    monkeypatch.setattr(cross_entropy._CrossEntropyTriton, "BLOCK", block)
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(5, 3, vocab, generator=g)
+    labels = torch.randint(0, vocab, (5, 3), generator=g)
+    check_against_reference(cross_entropy.cross_entropy, cross_entropy.cross_entropy_reference,
+                            [logits, labels], dtype)
+
+
+def test_dispatch_uses_references_on_cpu_and_when_forced():
+    x = torch.randn(4, 8)
+    assert dispatch.mode() == "auto" and not dispatch.use_triton(x)
+    dispatch.set_mode("reference")
+    try:
+        assert not dispatch.use_triton(x)
+    finally:
+        dispatch.set_mode("auto")
+    with pytest.raises(ValueError, match="kernel mode 'fast'"):
+        dispatch.set_mode("fast")
 
 
 def _angles(seq: int, rot_dim: int) -> torch.Tensor:
+    """megatron's RoPE angle table ``[s, 1, 1, rot_dim]``: cat((f, f))."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
     half = torch.outer(torch.arange(seq).float(), inv_freq)
     return torch.cat((half, half), dim=-1)[:, None, None, :]
@@ -35,14 +129,69 @@ def test_rotary_compiles_with_the_table_op_kept_out_of_the_fused_kernel():
     torch.testing.assert_close(compiled(t, freqs), rotary.apply_rotary(t, freqs))
 
 
-def test_mistral_routes_rope_through_our_dispatcher(session, monkeypatch):
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_mistral_runs_its_fusable_ops_through_the_dispatchers(session, monkeypatch):
     from conftest import build_model
 
-    calls = []
-    real = rotary.rotary_reference
-    monkeypatch.setattr(rotary, "rotary_reference", lambda *a: calls.append(1) or real(*a))
+    counts = {"norm": _count_calls(monkeypatch, rmsnorm, "rmsnorm_reference"),
+              "swiglu": _count_calls(monkeypatch, swiglu, "swiglu_reference"),
+              "rope": _count_calls(monkeypatch, rotary, "rotary_reference"),
+              "loss": _count_calls(monkeypatch, cross_entropy, "cross_entropy_reference")}
     model = build_model(session)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
-        model(ids, None)
-    assert len(calls) == 2 * session.model.num_layers  # q and k in every layer
+        model(ids, ids)
+    layers = session.model.num_layers
+    assert {k: len(v) for k, v in counts.items()} == {
+        "norm": 2 * layers + 1, "swiglu": layers, "rope": 2 * layers, "loss": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path is taken on CUDA only")
+def test_on_cuda_the_model_takes_the_triton_kernels_and_matches_the_references(session, monkeypatch):
+    from conftest import build_model
+
+    fused = {name: _count_calls(monkeypatch, fn, "apply") for name, fn in [
+        ("norm", rmsnorm._RMSNormTriton), ("swiglu", swiglu._SwiGLUTriton),
+        ("rope", rotary._RotaryTriton), ("loss", cross_entropy._CrossEntropyTriton)]}
+    model = build_model(session).cuda()
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+
+    def loss_and_grads(mode):
+        dispatch.set_mode(mode)
+        model.zero_grad()
+        loss = model(ids, ids).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    try:
+        ref_loss, ref_grads = loss_and_grads("reference")
+        assert not any(fused.values())
+        loss, grads = loss_and_grads("auto")
+    finally:
+        dispatch.set_mode("auto")
+    assert all(fused.values()), {k: len(v) for k, v in fused.items()}
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_kernels_on_cpu_times_the_references_and_says_why(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("-m", "pretrain", "bench", "kernels", "--out", str(tmp_path), "--repeats", "2",
+                   "--ops", "rmsnorm", "rotary")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "Triton kernels need a GPU" in results["note"] and "Triton kernels need a GPU" in proc.stdout
+    assert set(results["ops"]) == {"rmsnorm", "rotary"}
+    for op in results["ops"].values():
+        assert set(op["implementations"]) == {"torch eager", "torch.compile"}
+        assert all(i["ms"] > 0 and i["gb_per_s"] > 0 for i in op["implementations"].values())
+    assert "| rmsnorm |" in (tmp_path / "table.md").read_text()

@@ -1,0 +1,168 @@
+"""Fused kernels against torch: forward+backward time and achieved memory bandwidth per op.
+
+Each op runs as its torch reference in eager mode, the same reference under torch.compile, and
+(on CUDA) our Triton kernel, on a Mistral-7B-like shape on GPU and a smaller one on CPU. Times
+are medians over timed calls after warm-up. Bandwidth counts the bytes an ideal fused forward and
+backward must move (each input read, each output written, once per pass), so it is comparable
+across implementations and against the device's peak. On CPU there is no Triton backend (only
+its interpreter, 100-1500x slower than torch), so only the references are timed, and the output
+says so.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import provenance
+
+
+@dataclass
+class Case:
+    name: str
+    make_inputs: Callable          # (device, dtype) -> list of tensors (floating ones get grads)
+    reference: Callable
+    fused: Callable                # the dispatcher entry point
+    ideal_bytes: Callable          # (inputs) -> bytes an ideal fwd+bwd moves
+    shape: str
+
+
+def cases(gpu: bool) -> list[Case]:
+    import torch
+
+    from kernels import cross_entropy, rmsnorm, rotary, swiglu
+
+    tokens, hidden, ffn = (16384, 4096, 14336) if gpu else (4096, 1024, 2816)
+    seq, batch, heads, head_dim = (4096, 4, 32, 128) if gpu else (1024, 4, 16, 64)
+    vocab = 32768 if gpu else 8192
+
+    def nbytes(*ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def angles(device):
+        inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        half = torch.outer(torch.arange(seq, device=device).float(), inv)
+        return torch.cat((half, half), -1)[:, None, None, :]
+
+    return [
+        Case("rmsnorm",
+             lambda dev, dt: [torch.randn(tokens, hidden, device=dev, dtype=dt),
+                              torch.ones(hidden, device=dev, dtype=dt)],
+             lambda x, w: rmsnorm.rmsnorm_reference(x, w, 1e-5),
+             lambda x, w: rmsnorm.rmsnorm(x, w, 1e-5),
+             lambda ins: 5 * nbytes(ins[0]),  # fwd: x, y; bwd: x, dy, dx
+             f"{tokens} x {hidden}"),
+        Case("swiglu",
+             lambda dev, dt: [torch.randn(tokens, 2 * ffn, device=dev, dtype=dt)],
+             swiglu.swiglu_reference, swiglu.swiglu,
+             lambda ins: nbytes(ins[0]) * 3,  # fwd: x, y (half); bwd: x, dy (half), dx
+             f"{tokens} x 2*{ffn}"),
+        Case("rotary",
+             lambda dev, dt: [torch.randn(seq, batch, heads, head_dim, device=dev, dtype=dt)],
+             lambda t: rotary.rotary_reference(t, angles(t.device)),
+             lambda t: rotary.apply_rotary(t, angles(t.device)),
+             lambda ins: 4 * nbytes(ins[0]),  # fwd: t, out; bwd: dy, dt
+             f"[{seq}, {batch}, {heads}, {head_dim}]"),
+        Case("cross_entropy",
+             lambda dev, dt: [torch.randn(tokens // 2, vocab, device=dev, dtype=dt),
+                              torch.randint(0, vocab, (tokens // 2,), device=dev)],
+             cross_entropy.cross_entropy_reference, cross_entropy.cross_entropy,
+             lambda ins: 3 * nbytes(ins[0]),  # fwd: logits; bwd: logits, dlogits
+             f"{tokens // 2} x {vocab}"),
+    ]
+
+
+def _time_fwd_bwd(fn, inputs, repeats: int, device) -> float:
+    """Median seconds of forward + backward (gradient of the sum of outputs)."""
+    import torch
+
+    def call():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(out: str, repeats: int = 20, only: list[str] | None = None) -> dict:
+    import torch
+
+    from kernels import dispatch
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    note = ("" if gpu else "no CUDA device: Triton kernels need a GPU (on CPU only Triton's "
+            "interpreter exists, 100-1500x slower than torch), so only the torch references are "
+            "timed here")
+    if note:
+        print(f"note: {note}", flush=True)
+    results = {"benchmark": "kernels", "date": provenance.utc_now(), "commit": provenance.commit(),
+               "hardware": provenance.hardware(), "dtype": str(dtype).replace("torch.", ""),
+               "repeats": repeats, "note": note, "ops": {}}
+    impls = ["torch eager", "torch.compile"] + (["triton"] if gpu else [])
+    print(f"{'op':>14} {'shape':>26} {'implementation':>15} {'fwd+bwd ms':>11} {'GB/s':>8}", flush=True)
+    for case in cases(gpu):
+        if only and case.name not in only:
+            continue
+        torch.manual_seed(0)
+        inputs = [t.requires_grad_() if t.is_floating_point() else t
+                  for t in case.make_inputs(device, dtype)]
+        ideal = case.ideal_bytes(inputs)
+        entry = {"shape": case.shape, "ideal_bytes": ideal, "implementations": {}}
+        for impl in impls:
+            if impl == "triton":
+                dispatch.set_mode("triton")
+                fn = case.fused
+            else:
+                fn = case.reference if impl == "torch eager" else torch.compile(case.reference)
+            try:
+                seconds = _time_fwd_bwd(fn, inputs, repeats, device)
+            finally:
+                dispatch.set_mode("auto")
+            entry["implementations"][impl] = {"ms": seconds * 1e3, "gb_per_s": ideal / seconds / 1e9}
+            print(f"{case.name:>14} {case.shape:>26} {impl:>15} {seconds * 1e3:>11.3f} "
+                  f"{ideal / seconds / 1e9:>8.1f}", flush=True)
+        if gpu:
+            eager = entry["implementations"]["torch eager"]["ms"]
+            entry["triton_speedup_over_eager"] = eager / entry["implementations"]["triton"]["ms"]
+        results["ops"][case.name] = entry
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "table.md").write_text(render_table(results))
+    print(f"results in {out_dir / 'results.json'}, table {out_dir / 'table.md'}")
+    return results
+
+
+def render_table(results: dict) -> str:
+    impls = sorted({i for op in results["ops"].values() for i in op["implementations"]},
+                   key=["torch eager", "torch.compile", "triton"].index)
+    lines = [f"Kernels, forward + backward, {results['dtype']}, {results['hardware']['gpu'] or 'CPU'}"
+             f" ({results['date']}, commit {results['commit']})", ""]
+    if results["note"]:
+        lines += [f"Note: {results['note']}.", ""]
+    lines.append("| op | shape | " + " | ".join(f"{i} ms (GB/s)" for i in impls) + " |")
+    lines.append("|---|---|" + "---:|" * len(impls))
+    for name, op in results["ops"].items():
+        cells = [f"{op['implementations'][i]['ms']:.3f} ({op['implementations'][i]['gb_per_s']:.0f})"
+                 for i in impls]
+        lines.append(f"| {name} | {op['shape']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
