@@ -13,7 +13,9 @@ from torch import nn
 from pretrain.config import FimConfig, ModelConfig, ParallelConfig
 
 from . import mistral
-from .fim_attention import FimGeometry, fim_attention
+from kernels.fim_attention import fim_attention  # Triton on CUDA, the blocked torch path elsewhere
+
+from .fim_attention import FimGeometry
 
 
 def layer_geometry(fim: FimConfig, index: int | None, seq_length: int) -> tuple[FimGeometry, tuple]:

@@ -6,7 +6,7 @@ deliberately not multiples of the kernels' blocks."""
 import pytest
 import torch
 
-from kernels import cross_entropy, dispatch, rmsnorm, rotary, swiglu
+from kernels import cross_entropy, dispatch, fim_attention, rmsnorm, rotary, swiglu
 
 DTYPES = [torch.float32, torch.float16]
 # fp16: the kernels compute in fp32 and round once; compared with the fp32 reference rounded once.
@@ -84,6 +84,34 @@ def test_cross_entropy_kernel_matches_reference(triton_mode, monkeypatch, dtype,
     labels = torch.randint(0, vocab, (5, 3), generator=g)
     check_against_reference(cross_entropy.cross_entropy, cross_entropy.cross_entropy_reference,
                             [logits, labels], dtype)
+
+
+
+FIM_CASES = [  # (block, branching, top_k, branches, n): n not a multiple of the block; block 6
+    (8, 2, 2, ("local", "routed", "hierarchical"), 45),
+    (6, 3, 1, ("local", "routed", "hierarchical"), 40),
+    (8, 2, 3, ("local", "routed"), 40),
+    (8, 4, 0, ("local", "hierarchical"), 70),
+    (8, 2, 0, ("local",), 20),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block, branching, top_k, branches, n", FIM_CASES)
+def test_fim_attention_kernel_matches_torch_path(triton_mode, dtype, block, branching, top_k,
+                                                 branches, n):
+    from model.fim_attention import FimGeometry
+    from model.fim_attention import fim_attention as torch_path
+
+    geom = FimGeometry(block, branching, FimGeometry.auto_levels(n, block, branching), top_k)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, n, 16, generator=g)          # 4 query heads over 2 KV heads (GQA)
+    k, v = torch.randn(2, 2, n, 16, generator=g), torch.randn(2, 2, n, 16, generator=g)
+    # Routing is a discrete choice made from the inputs: both sides must make it on the same
+    # values, so the fp32 reference runs on the fp16-rounded inputs.
+    rounded = [t.to(dtype).float() for t in (q, k, v)]
+    check_against_reference(lambda a, b, c: fim_attention.fim_attention(a, b, c, geom, branches),
+                            lambda a, b, c: torch_path(a, b, c, geom, branches), rounded, dtype)
 
 
 def test_dispatch_uses_references_on_cpu_and_when_forced():

@@ -1,7 +1,7 @@
 """Fused kernels against torch: forward+backward time and achieved memory bandwidth per op.
 
 Each op runs as its torch reference in eager mode, the same reference under torch.compile, and
-(on CUDA) our Triton kernel, on a Mistral-7B-like shape on GPU and a smaller one on CPU. Times
+(on CUDA) our Triton kernel (FIM attention also against dense causal SDPA, flash on GPU), on a Mistral-7B-like shape on GPU and a smaller one on CPU. Times
 are medians over timed calls after warm-up. Bandwidth counts the bytes an ideal fused forward and
 backward must move (each input read, each output written, once per pass), so it is comparable
 across implementations and against the device's peak. On CPU there is no Triton backend (only
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -28,16 +28,30 @@ class Case:
     fused: Callable                # the dispatcher entry point
     ideal_bytes: Callable          # (inputs) -> bytes an ideal fwd+bwd moves
     shape: str
+    baselines: dict = field(default_factory=dict)  # other implementations of the same op, by name
 
 
 def cases(gpu: bool) -> list[Case]:
     import torch
 
-    from kernels import cross_entropy, rmsnorm, rotary, swiglu
+    import torch.nn.functional as F
+
+    from kernels import cross_entropy, fim_attention, rmsnorm, rotary, swiglu
+    from model.fim_attention import FimGeometry
+    from model.fim_attention import fim_attention as fim_torch_path
 
     tokens, hidden, ffn = (16384, 4096, 14336) if gpu else (4096, 1024, 2816)
     seq, batch, heads, head_dim = (4096, 4, 32, 128) if gpu else (1024, 4, 16, 64)
     vocab = 32768 if gpu else 8192
+    # FIM at the issue's N = 16k on GPU (default geometry: block 32, branching 2, top-2 routing)
+    n_fim, fim_heads, fim_groups = (16384, 32, 8) if gpu else (2048, 8, 2)
+    geom = FimGeometry(32, 2, FimGeometry.auto_levels(n_fim, 32, 2), 2)
+    branches = ("local", "hierarchical", "routed")
+
+    def qkv(dev, dt):
+        return [torch.randn(1, fim_heads, n_fim, head_dim, device=dev, dtype=dt),
+                torch.randn(1, fim_groups, n_fim, head_dim, device=dev, dtype=dt),
+                torch.randn(1, fim_groups, n_fim, head_dim, device=dev, dtype=dt)]
 
     def nbytes(*ts):
         return sum(t.numel() * t.element_size() for t in ts)
@@ -72,6 +86,13 @@ def cases(gpu: bool) -> list[Case]:
              cross_entropy.cross_entropy_reference, cross_entropy.cross_entropy,
              lambda ins: 3 * nbytes(ins[0]),  # fwd: logits; bwd: logits, dlogits
              f"{tokens // 2} x {vocab}"),
+        Case("fim_attention", qkv,
+             lambda q, k, v: fim_torch_path(q, k, v, geom, branches),
+             lambda q, k, v: fim_attention.fim_attention(q, k, v, geom, branches),
+             lambda ins: 2 * nbytes(*ins) + 2 * nbytes(ins[0]),  # fwd: q,k,v,o; bwd: again + do
+             f"N={n_fim}, {fim_heads}/{fim_groups} heads, d={head_dim}",
+             baselines={"dense causal SDPA": lambda q, k, v: F.scaled_dot_product_attention(
+                 q, k, v, is_causal=True, enable_gqa=True)}),
     ]
 
 
@@ -127,10 +148,12 @@ def run(out: str, repeats: int = 20, only: list[str] | None = None) -> dict:
                   for t in case.make_inputs(device, dtype)]
         ideal = case.ideal_bytes(inputs)
         entry = {"shape": case.shape, "ideal_bytes": ideal, "implementations": {}}
-        for impl in impls:
+        for impl in impls + list(case.baselines):
             if impl == "triton":
                 dispatch.set_mode("triton")
                 fn = case.fused
+            elif impl in case.baselines:
+                fn = case.baselines[impl]
             else:
                 fn = case.reference if impl == "torch eager" else torch.compile(case.reference)
             try:
@@ -140,9 +163,12 @@ def run(out: str, repeats: int = 20, only: list[str] | None = None) -> dict:
             entry["implementations"][impl] = {"ms": seconds * 1e3, "gb_per_s": ideal / seconds / 1e9}
             print(f"{case.name:>14} {case.shape:>26} {impl:>15} {seconds * 1e3:>11.3f} "
                   f"{ideal / seconds / 1e9:>8.1f}", flush=True)
+        measured = entry["implementations"]
+        fastest_ours = measured["triton" if gpu else "torch eager"]["ms"]
         if gpu:
-            eager = entry["implementations"]["torch eager"]["ms"]
-            entry["triton_speedup_over_eager"] = eager / entry["implementations"]["triton"]["ms"]
+            entry["triton_speedup_over_eager"] = measured["torch eager"]["ms"] / fastest_ours
+        for name in case.baselines:
+            entry[f"speedup_over_{name.replace(' ', '_')}"] = measured[name]["ms"] / fastest_ours
         results["ops"][case.name] = entry
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,8 +179,9 @@ def run(out: str, repeats: int = 20, only: list[str] | None = None) -> dict:
 
 
 def render_table(results: dict) -> str:
+    order = ["torch eager", "torch.compile", "triton"]
     impls = sorted({i for op in results["ops"].values() for i in op["implementations"]},
-                   key=["torch eager", "torch.compile", "triton"].index)
+                   key=lambda i: (order.index(i) if i in order else len(order), i))
     lines = [f"Kernels, forward + backward, {results['dtype']}, {results['hardware']['gpu'] or 'CPU'}"
              f" ({results['date']}, commit {results['commit']})", ""]
     if results["note"]:
@@ -163,6 +190,6 @@ def render_table(results: dict) -> str:
     lines.append("|---|---|" + "---:|" * len(impls))
     for name, op in results["ops"].items():
         cells = [f"{op['implementations'][i]['ms']:.3f} ({op['implementations'][i]['gb_per_s']:.0f})"
-                 for i in impls]
+                 if i in op["implementations"] else "" for i in impls]
         lines.append(f"| {name} | {op['shape']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

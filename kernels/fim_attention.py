@@ -1,0 +1,253 @@
+"""FIM block-sparse attention as one flash-style Triton kernel (forward and backward).
+
+Same attention as ``model.fim_attention.fim_attention`` (read its docstring for the geometry): a
+query in leaf block c attends, in one softmax, to its own block causally, to the top-k routed
+earlier blocks of its key/value group, and to the mean-pooled summaries of its earlier siblings
+at every level (each with its +log(span) bias). The torch path gathers those keys per block and
+calls SDPA with a bias mask; here one program per (batch, query head, leaf block) streams the
+key sets through an online softmax, so nothing is gathered or materialized. Routing and pooling
+stay in torch (cheap: per block, not per token); their outputs are the kernel's inputs, and the
+pooled summaries receive gradients like any key, which autograd carries back to the tokens.
+
+Backward recomputes the probabilities from the saved log-sum-exp. Keys of a block are read by
+its own queries and by every later block that routes to it, and a summary by many blocks, so
+their gradients are accumulated with atomic adds into fp32 buffers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dispatch
+
+
+@triton.jit
+def _scores(q, k_ptrs, key_mask, scale):
+    k = tl.load(k_ptrs, mask=key_mask, other=0.0).to(tl.float32)
+    return tl.dot(q, tl.trans(k)) * scale, k
+
+
+@triton.jit
+def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_ptr, slot_ok_ptr,
+             bias_ptr, o_ptr, lse_ptr, n_heads, rep, n_pos, n_blocks, n_units, block, dim,
+             top_k, n_slots, scale,
+             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // n_heads
+    g = (bh % n_heads) // rep
+    rows = tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_B)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    row_ok = rows < block
+    q_base = q_ptr + (bh.to(tl.int64) * n_pos + c * block) * dim
+    q = tl.load(q_base + rows[:, None] * dim + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    kv_base = (b * (n_heads // rep) + g).to(tl.int64) * n_pos * dim
+
+    m_i = tl.full([BLOCK_B], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_B], tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    key_ok = (cols < block)[:, None] & d_ok[None, :]
+
+    # 1. local: the block's own keys, causally
+    offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
+    s, _ = _scores(q, k_ptr + offs, key_ok, scale)
+    s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < block), s, -float("inf"))
+    v = tl.load(v_ptr + offs, mask=key_ok, other=0.0).to(tl.float32)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p, v)
+    m_i = m_new
+
+    # 2. routed: whole earlier blocks chosen for this (batch, group, block)
+    for r in range(0, top_k):
+        # the slot's validity as a block (the interpreter masks with blocks, not scalars)
+        ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
+        u = tl.load(route_ptr + ((b * (n_heads // rep) + g) * n_blocks + c) * top_k + r)
+        offs = kv_base + (u * block + cols[:, None]) * dim + d[None, :]
+        s, _ = _scores(q, k_ptr + offs, key_ok & ok[:, None], scale)
+        s = tl.where((cols[None, :] < block) & ok[None, :], s, -float("inf"))
+        v = tl.load(v_ptr + offs, mask=key_ok & ok[:, None], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+
+    # 3. summaries of earlier siblings, all levels at once, each with its log-span bias
+    if n_slots > 0:
+        sl = tl.arange(0, BLOCK_S)
+        sl_in = sl < n_slots
+        slot_ok = tl.load(slot_ok_ptr + c * n_slots + sl, mask=sl_in, other=0) != 0
+        unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0)
+        bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
+        p_offs = (b * (n_heads // rep) + g).to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
+        p_mask = slot_ok[:, None] & d_ok[None, :]
+        s, _ = _scores(q, pk_ptr + p_offs, p_mask, scale)
+        s = tl.where(slot_ok[None, :], s + bias[None, :], -float("inf"))
+        v = tl.load(pv_ptr + p_offs, mask=p_mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * n_pos + c * block + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _key_set_bwd(q, do, lse, delta, k_ptrs, v_ptrs, dk_ptrs, dv_ptrs, kmask, valid, bias, scale):
+    """Gradient contributions of one key set: returns dq's share; adds into dk, dv."""
+    k = tl.load(k_ptrs, mask=kmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=kmask, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * scale + bias
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p), do)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds), q) * scale
+    tl.atomic_add(dv_ptrs, dv, mask=kmask)
+    tl.atomic_add(dk_ptrs, dk, mask=kmask)
+    return tl.dot(ds, k) * scale
+
+
+@triton.jit
+def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_ptr, slot_ok_ptr,
+             bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
+             n_heads, rep, n_pos, n_blocks, n_units, block, dim, top_k, n_slots, scale,
+             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // n_heads
+    g = (bh % n_heads) // rep
+    rows = tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_B)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < dim
+    row_ok = rows < block
+    q_offs = (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
+    row_offs = bh.to(tl.int64) * n_pos + c * block + rows
+    lse = tl.load(lse_ptr + row_offs, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + row_offs, mask=row_ok, other=0.0)
+    kv_base = (b * (n_heads // rep) + g).to(tl.int64) * n_pos * dim
+    key_ok = (cols < block)[:, None] & d_ok[None, :]
+    zero_bias = tl.zeros([BLOCK_B, BLOCK_B], tl.float32)
+
+    offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
+    valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] < block) & row_ok[:, None]
+    dq = _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs, dv_ptr + offs,
+                      key_ok, valid, zero_bias, scale)
+    for r in range(0, top_k):
+        ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
+        u = tl.load(route_ptr + ((b * (n_heads // rep) + g) * n_blocks + c) * top_k + r)
+        offs = kv_base + (u * block + cols[:, None]) * dim + d[None, :]
+        valid = (cols[None, :] < block) & row_ok[:, None] & ok[None, :]
+        dq += _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs,
+                           dv_ptr + offs, key_ok & ok[:, None], valid, zero_bias, scale)
+    if n_slots > 0:
+        sl = tl.arange(0, BLOCK_S)
+        sl_in = sl < n_slots
+        slot_ok = tl.load(slot_ok_ptr + c * n_slots + sl, mask=sl_in, other=0) != 0
+        unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0)
+        bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
+        p_offs = (b * (n_heads // rep) + g).to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
+        p_mask = slot_ok[:, None] & d_ok[None, :]
+        valid = slot_ok[None, :] & row_ok[:, None]
+        dq += _key_set_bwd(q, do, lse, delta, pk_ptr + p_offs, pv_ptr + p_offs, dpk_ptr + p_offs,
+                           dpv_ptr + p_offs, p_mask, valid,
+                           tl.zeros([BLOCK_B, BLOCK_S], tl.float32) + bias[None, :], scale)
+    tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+class _FimAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias, block):
+        bsz, heads, n_pos, dim = q.shape
+        groups, n_units = k.shape[1], pooled_k.shape[2]
+        n_blocks, top_k, n_slots = n_pos // block, route.shape[-1], slots.shape[-1]
+        q, k, v, pooled_k, pooled_v = (t.contiguous() for t in (q, k, v, pooled_k, pooled_v))
+        out = torch.empty_like(q)
+        lse = torch.empty(bsz, heads, n_pos, device=q.device, dtype=torch.float32)
+        meta = (heads, heads // groups, n_pos, n_blocks, n_units, block, dim, top_k, n_slots,
+                1.0 / math.sqrt(dim))
+        consts = dict(BLOCK_B=max(16, triton.next_power_of_2(block)),
+                      BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                      BLOCK_S=max(16, triton.next_power_of_2(max(n_slots, 1))))
+        _fim_fwd[(bsz * heads, n_blocks)](q, k, v, pooled_k, pooled_v, route, route_ok, slots,
+                                          slots_ok, bias, out, lse, *meta, **consts)
+        ctx.save_for_backward(q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias,
+                              out, lse)
+        ctx.meta, ctx.consts = meta, consts
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in (k, v))
+        dpk, dpv = (torch.zeros(t.shape, device=t.device, dtype=torch.float32)
+                    for t in (pooled_k, pooled_v))
+        _fim_bwd[(q.shape[0] * q.shape[1], ctx.meta[3])](
+            q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias, dout, lse, delta,
+            dq, dk, dv, dpk, dpv, *ctx.meta, **ctx.consts)
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dpk.to(pooled_k.dtype), dpv.to(pooled_v.dtype),
+                None, None, None, None, None, None)
+
+
+def fim_attention_triton(q, k, v, geom, branches) -> torch.Tensor:
+    """q ``[b, h, N, d]``, k/v ``[b, g, N, d]`` -> ``[b, h, N, d]`` through the Triton kernel."""
+    import torch.nn.functional as F
+
+    from model.fim_attention import _pooled_levels, _sibling_slots, route_blocks
+
+    bsz, heads, n, dim = q.shape
+    groups, block = k.shape[1], geom.block
+    nb = -(-n // block)
+    pad = nb * block - n
+    qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, k, v))
+    device = q.device
+    if "routed" in branches and geom.top_k > 0 and nb > 1:
+        route, route_ok = route_blocks(q, k, block, geom.top_k)
+    else:
+        route = torch.zeros(bsz, groups, nb, 0, dtype=torch.long, device=device)
+        route_ok = torch.zeros(nb, 0, dtype=torch.bool, device=device)
+    if "hierarchical" in branches and geom.levels > 0:
+        slots, slots_ok, level = _sibling_slots(nb, geom.branching, geom.levels, device)
+        pooled_k = _pooled_levels(kp, block, geom.branching, geom.levels)
+        pooled_v = _pooled_levels(vp, block, geom.branching, geom.levels)
+        bias = (math.log(block) + level * math.log(geom.branching)).float()
+    else:
+        slots = torch.zeros(nb, 0, dtype=torch.long, device=device)
+        slots_ok = torch.zeros(nb, 0, dtype=torch.bool, device=device)
+        pooled_k = pooled_v = kp.new_zeros(bsz, groups, 1, dim)
+        bias = torch.zeros(0, device=device)
+    out = _FimAttentionTriton.apply(
+        qp, kp, vp, pooled_k, pooled_v, route.contiguous(), route_ok.to(torch.int8).contiguous(),
+        slots.contiguous(), slots_ok.to(torch.int8).contiguous(), bias.contiguous(), block)
+    return out[:, :, :n]
+
+
+def fim_attention(q, k, v, geom, branches) -> torch.Tensor:
+    """Dispatcher: the Triton kernel on CUDA, the blocked torch path (gather + SDPA) elsewhere."""
+    if dispatch.use_triton(q, k, v):
+        return fim_attention_triton(q, k, v, geom, branches)
+    from model.fim_attention import fim_attention as torch_path
+
+    return torch_path(q, k, v, geom, branches)
