@@ -87,14 +87,15 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     k = what.add_parser("kernels", help="fused kernels vs torch eager and torch.compile: time and "
                                         "bandwidth (Triton on CUDA; references only on CPU)",
                         description="Times forward+backward of each op in kernels/ (RMSNorm, "
-                                    "SwiGLU, rotary, cross-entropy, FIM attention; the last also "
-                                    "against dense causal SDPA) as the torch reference (eager "
+                                    "SwiGLU, rotary, cross-entropy, FIM attention (also against "
+                                    "dense causal SDPA), selective scan) as the torch reference (eager "
                                     "and torch.compile) and, on CUDA, as our Triton kernel. Writes "
                                     "OUT/results.json and OUT/table.md.")
     k.add_argument("--out", required=True, help="output directory")
     k.add_argument("--repeats", type=int, default=20, help="timed calls per point, median (default 20)")
     k.add_argument("--ops", nargs="+", default=None, metavar="OP",
-                   choices=["rmsnorm", "swiglu", "rotary", "cross_entropy", "fim_attention"],
+                   choices=["rmsnorm", "swiglu", "rotary", "cross_entropy", "fim_attention",
+                            "selective_scan"],
                    help="only these ops (default: all)")
     t = what.add_parser("train", help="training tokens/s of our trainer vs transformers' Mistral, "
                                       "MFU and a per-phase breakdown",

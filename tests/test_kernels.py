@@ -6,7 +6,8 @@ deliberately not multiples of the kernels' blocks."""
 import pytest
 import torch
 
-from kernels import cross_entropy, dispatch, fim_attention, rmsnorm, rotary, swiglu
+from kernels import (cross_entropy, dispatch, fim_attention, rmsnorm, rotary, selective_scan,
+                     swiglu)
 
 DTYPES = [torch.float32, torch.float16]
 # fp16: the kernels compute in fp32 and round once; compared with the fp32 reference rounded once.
@@ -112,6 +113,41 @@ def test_fim_attention_kernel_matches_torch_path(triton_mode, dtype, block, bran
     rounded = [t.to(dtype).float() for t in (q, k, v)]
     check_against_reference(lambda a, b, c: fim_attention.fim_attention(a, b, c, geom, branches),
                             lambda a, b, c: torch_path(a, b, c, geom, branches), rounded, dtype)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim, length, dstate, extras", [
+    (40, 19, 5, True),    # 40 channels: two blocks of 32, the second partial; 19 = 2 chunks + 3
+    (8, 16, 16, False),   # exactly two chunks, state 16, no D / z / softplus
+])
+def test_selective_scan_kernel_matches_reference(triton_mode, monkeypatch, dtype, dim, length,
+                                                 dstate, extras):
+    monkeypatch.setattr(selective_scan._ScanTriton, "CHUNK", 8)
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(2, dim, length, generator=g), 0.5 * torch.randn(2, dim, length, generator=g)
+    A = -torch.rand(dim, dstate, generator=g) - 0.5
+    B, C = torch.randn(2, dstate, length, generator=g), torch.randn(2, dstate, length, generator=g)
+    D, z, bias = torch.randn(dim, generator=g), torch.randn(2, dim, length, generator=g), torch.rand(dim, generator=g)
+    if extras:
+        kw = dict(delta_softplus=True)
+        check_against_reference(
+            lambda *a: selective_scan.selective_scan(*a, **kw),
+            lambda *a: selective_scan.selective_scan_reference(*a, **kw),
+            [u, delta, A, B, C, D, z, bias], dtype)
+    else:
+        check_against_reference(selective_scan.selective_scan,
+                                selective_scan.selective_scan_reference, [u, delta, A, B, C], dtype)
+
+
+def test_selective_scan_returns_the_final_state(triton_mode):
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(1, 4, 11, generator=g), torch.rand(1, 4, 11, generator=g)
+    A, B, C = -torch.rand(4, 3, generator=g), torch.randn(1, 3, 11, generator=g), torch.randn(1, 3, 11, generator=g)
+    y, last = selective_scan.selective_scan(u, delta, A, B, C, return_last_state=True)
+    y_ref, last_ref = selective_scan.selective_scan_reference(u, delta, A, B, C, return_last_state=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(last, last_ref)
 
 
 def test_dispatch_uses_references_on_cpu_and_when_forced():

@@ -1,7 +1,9 @@
 """Fused kernels against torch: forward+backward time and achieved memory bandwidth per op.
 
 Each op runs as its torch reference in eager mode, the same reference under torch.compile, and
-(on CUDA) our Triton kernel (FIM attention also against dense causal SDPA, flash on GPU), on a Mistral-7B-like shape on GPU and a smaller one on CPU. Times
+(on CUDA) our Triton kernel (FIM attention also against dense causal SDPA, flash on GPU; the
+selective scan against mamba-ssm's CUDA kernel where installed, and not compiled: its reference
+is a Python loop over the sequence), on a Mistral-7B-like shape on GPU and a smaller one on CPU. Times
 are medians over timed calls after warm-up. Bandwidth counts the bytes an ideal fused forward and
 backward must move (each input read, each output written, once per pass), so it is comparable
 across implementations and against the device's peak. On CPU there is no Triton backend (only
@@ -29,6 +31,7 @@ class Case:
     ideal_bytes: Callable          # (inputs) -> bytes an ideal fwd+bwd moves
     shape: str
     baselines: dict = field(default_factory=dict)  # other implementations of the same op, by name
+    compile: bool = True           # time torch.compile of the reference (not for Python loops)
 
 
 def cases(gpu: bool) -> list[Case]:
@@ -36,7 +39,7 @@ def cases(gpu: bool) -> list[Case]:
 
     import torch.nn.functional as F
 
-    from kernels import cross_entropy, fim_attention, rmsnorm, rotary, swiglu
+    from kernels import cross_entropy, fim_attention, rmsnorm, rotary, selective_scan, swiglu
     from model.fim_attention import FimGeometry
     from model.fim_attention import fim_attention as fim_torch_path
 
@@ -47,6 +50,23 @@ def cases(gpu: bool) -> list[Case]:
     n_fim, fim_heads, fim_groups = (16384, 32, 8) if gpu else (2048, 8, 2)
     geom = FimGeometry(32, 2, FimGeometry.auto_levels(n_fim, 32, 2), 2)
     branches = ("local", "hierarchical", "routed")
+
+    scan_b, scan_d, scan_l, scan_n = (4, 4096, 2048, 16) if gpu else (2, 256, 512, 16)
+
+    def scan_inputs(dev, dt):
+        return [torch.randn(scan_b, scan_d, scan_l, device=dev, dtype=dt),
+                torch.rand(scan_b, scan_d, scan_l, device=dev, dtype=dt) * 0.1,
+                -torch.rand(scan_d, scan_n, device=dev, dtype=torch.float32) - 0.5,
+                torch.randn(scan_b, scan_n, scan_l, device=dev, dtype=dt),
+                torch.randn(scan_b, scan_n, scan_l, device=dev, dtype=dt)]
+
+    scan_baselines = {}
+    try:  # mamba-ssm's CUDA kernel, where installed
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        if gpu:
+            scan_baselines["mamba-ssm"] = selective_scan_fn
+    except ImportError:
+        pass
 
     def qkv(dev, dt):
         return [torch.randn(1, fim_heads, n_fim, head_dim, device=dev, dtype=dt),
@@ -93,6 +113,11 @@ def cases(gpu: bool) -> list[Case]:
              f"N={n_fim}, {fim_heads}/{fim_groups} heads, d={head_dim}",
              baselines={"dense causal SDPA": lambda q, k, v: F.scaled_dot_product_attention(
                  q, k, v, is_causal=True, enable_gqa=True)}),
+        Case("selective_scan", scan_inputs, selective_scan.selective_scan_reference,
+             selective_scan.selective_scan,
+             lambda ins: 5 * nbytes(ins[0]) + 4 * nbytes(ins[3]),  # u, delta, y / du, ddelta, dy; B, C
+             f"b={scan_b}, d={scan_d}, L={scan_l}, n={scan_n}", baselines=scan_baselines,
+             compile=False),
     ]
 
 
@@ -148,7 +173,7 @@ def run(out: str, repeats: int = 20, only: list[str] | None = None) -> dict:
                   for t in case.make_inputs(device, dtype)]
         ideal = case.ideal_bytes(inputs)
         entry = {"shape": case.shape, "ideal_bytes": ideal, "implementations": {}}
-        for impl in impls + list(case.baselines):
+        for impl in [i for i in impls if case.compile or i != "torch.compile"] + list(case.baselines):
             if impl == "triton":
                 dispatch.set_mode("triton")
                 fn = case.fused
