@@ -16,6 +16,7 @@ their gradients are accumulated with atomic adds into fp32 buffers.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -25,16 +26,25 @@ from . import dispatch
 
 
 @triton.jit
-def _scores(q, k_ptrs, key_mask, scale):
-    k = tl.load(k_ptrs, mask=key_mask, other=0.0).to(tl.float32)
-    return tl.dot(q, tl.trans(k)) * scale, k
+def _dot(a, b, DOT: tl.constexpr):
+    """fp32 accumulation; 16-bit operands stay 16-bit (tensor cores), fp32 ones are exact."""
+    if DOT == tl.float32:
+        return tl.dot(a.to(DOT), b.to(DOT), input_precision="ieee")
+    return tl.dot(a.to(DOT), b.to(DOT))
+
+
+@triton.jit
+def _scores(q, k_ptrs, key_mask, scale, DOT: tl.constexpr):
+    k = tl.load(k_ptrs, mask=key_mask, other=0.0)
+    return _dot(q, tl.trans(k), DOT) * scale, k
 
 
 @triton.jit
 def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_ptr, slot_ok_ptr,
              bias_ptr, o_ptr, lse_ptr, n_heads, rep, n_pos, n_blocks, n_units, block, dim,
              top_k, n_slots, scale,
-             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+             DOT: tl.constexpr):
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // n_heads
@@ -46,7 +56,7 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     row_ok = rows < block
     q_base = q_ptr + (bh.to(tl.int64) * n_pos + c * block) * dim
     q = tl.load(q_base + rows[:, None] * dim + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0)
     kv_base = (b * (n_heads // rep) + g).to(tl.int64) * n_pos * dim
 
     m_i = tl.full([BLOCK_B], -float("inf"), tl.float32)
@@ -56,14 +66,14 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
 
     # 1. local: the block's own keys, causally
     offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
-    s, _ = _scores(q, k_ptr + offs, key_ok, scale)
+    s, _ = _scores(q, k_ptr + offs, key_ok, scale, DOT)
     s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < block), s, -float("inf"))
-    v = tl.load(v_ptr + offs, mask=key_ok, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=key_ok, other=0.0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p, v)
+    acc = acc * alpha[:, None] + _dot(p, v, DOT)
     m_i = m_new
 
     # 2. routed: whole earlier blocks chosen for this (batch, group, block)
@@ -72,14 +82,14 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
         ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
         u = tl.load(route_ptr + ((b * (n_heads // rep) + g) * n_blocks + c) * top_k + r)
         offs = kv_base + (u * block + cols[:, None]) * dim + d[None, :]
-        s, _ = _scores(q, k_ptr + offs, key_ok & ok[:, None], scale)
+        s, _ = _scores(q, k_ptr + offs, key_ok & ok[:, None], scale, DOT)
         s = tl.where((cols[None, :] < block) & ok[None, :], s, -float("inf"))
-        v = tl.load(v_ptr + offs, mask=key_ok & ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=key_ok & ok[:, None], other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT)
         m_i = m_new
 
     # 3. summaries of earlier siblings, all levels at once, each with its log-span bias
@@ -91,14 +101,14 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
         bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
         p_offs = (b * (n_heads // rep) + g).to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
         p_mask = slot_ok[:, None] & d_ok[None, :]
-        s, _ = _scores(q, pk_ptr + p_offs, p_mask, scale)
+        s, _ = _scores(q, pk_ptr + p_offs, p_mask, scale, DOT)
         s = tl.where(slot_ok[None, :], s + bias[None, :], -float("inf"))
-        v = tl.load(pv_ptr + p_offs, mask=p_mask, other=0.0).to(tl.float32)
+        v = tl.load(pv_ptr + p_offs, mask=p_mask, other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -108,26 +118,28 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
 
 
 @triton.jit
-def _key_set_bwd(q, do, lse, delta, k_ptrs, v_ptrs, dk_ptrs, dv_ptrs, kmask, valid, bias, scale):
+def _key_set_bwd(q, do, lse, delta, k_ptrs, v_ptrs, dk_ptrs, dv_ptrs, kmask, valid, bias, scale,
+                 DOT: tl.constexpr):
     """Gradient contributions of one key set: returns dq's share; adds into dk, dv."""
-    k = tl.load(k_ptrs, mask=kmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptrs, mask=kmask, other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * scale + bias
+    k = tl.load(k_ptrs, mask=kmask, other=0.0)
+    v = tl.load(v_ptrs, mask=kmask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT) * scale + bias
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-    dv = tl.dot(tl.trans(p), do)
-    dp = tl.dot(do, tl.trans(v))
+    dv = _dot(tl.trans(p), do, DOT)
+    dp = _dot(do, tl.trans(v), DOT)
     ds = p * (dp - delta[:, None])
-    dk = tl.dot(tl.trans(ds), q) * scale
+    dk = _dot(tl.trans(ds), q, DOT) * scale
     tl.atomic_add(dv_ptrs, dv, mask=kmask)
     tl.atomic_add(dk_ptrs, dk, mask=kmask)
-    return tl.dot(ds, k) * scale
+    return _dot(ds, k, DOT) * scale
 
 
 @triton.jit
 def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_ptr, slot_ok_ptr,
              bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
              n_heads, rep, n_pos, n_blocks, n_units, block, dim, top_k, n_slots, scale,
-             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+             DOT: tl.constexpr):
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // n_heads
@@ -139,8 +151,8 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     row_ok = rows < block
     q_offs = (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :]
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
+    do = tl.load(do_ptr + q_offs, mask=q_mask, other=0.0)
     row_offs = bh.to(tl.int64) * n_pos + c * block + rows
     lse = tl.load(lse_ptr + row_offs, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + row_offs, mask=row_ok, other=0.0)
@@ -151,14 +163,14 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
     valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] < block) & row_ok[:, None]
     dq = _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs, dv_ptr + offs,
-                      key_ok, valid, zero_bias, scale)
+                      key_ok, valid, zero_bias, scale, DOT)
     for r in range(0, top_k):
         ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
         u = tl.load(route_ptr + ((b * (n_heads // rep) + g) * n_blocks + c) * top_k + r)
         offs = kv_base + (u * block + cols[:, None]) * dim + d[None, :]
         valid = (cols[None, :] < block) & row_ok[:, None] & ok[None, :]
         dq += _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs,
-                           dv_ptr + offs, key_ok & ok[:, None], valid, zero_bias, scale)
+                           dv_ptr + offs, key_ok & ok[:, None], valid, zero_bias, scale, DOT)
     if n_slots > 0:
         sl = tl.arange(0, BLOCK_S)
         sl_in = sl < n_slots
@@ -170,8 +182,18 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
         valid = slot_ok[None, :] & row_ok[:, None]
         dq += _key_set_bwd(q, do, lse, delta, pk_ptr + p_offs, pv_ptr + p_offs, dpk_ptr + p_offs,
                            dpv_ptr + p_offs, p_mask, valid,
-                           tl.zeros([BLOCK_B, BLOCK_S], tl.float32) + bias[None, :], scale)
+                           tl.zeros([BLOCK_B, BLOCK_S], tl.float32) + bias[None, :], scale, DOT)
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand type of the kernel's matmuls. Triton's interpreter gets bf16 dots wrong (see
+    FINDINGS.md), so there bf16 is multiplied in fp32."""
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") != "1":
+        return tl.bfloat16
+    return tl.float32
 
 
 class _FimAttentionTriton(torch.autograd.Function):
@@ -187,7 +209,8 @@ class _FimAttentionTriton(torch.autograd.Function):
                 1.0 / math.sqrt(dim))
         consts = dict(BLOCK_B=max(16, triton.next_power_of_2(block)),
                       BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                      BLOCK_S=max(16, triton.next_power_of_2(max(n_slots, 1))))
+                      BLOCK_S=max(16, triton.next_power_of_2(max(n_slots, 1))),
+                      DOT=_dot_dtype(q.dtype))
         _fim_fwd[(bsz * heads, n_blocks)](q, k, v, pooled_k, pooled_v, route, route_ok, slots,
                                           slots_ok, bias, out, lse, *meta, **consts)
         ctx.save_for_backward(q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias,

@@ -11,7 +11,8 @@ from kernels import (cross_entropy, dispatch, fim_attention, rmsnorm, rotary, se
 
 DTYPES = [torch.float32, torch.float16]
 # fp16: the kernels compute in fp32 and round once; compared with the fp32 reference rounded once.
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ FIM_CASES = [  # (block, branching, top_k, branches, n): n not a multiple of the
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])  # bf16: dots in fp32 in the interpreter
 @pytest.mark.parametrize("block, branching, top_k, branches, n", FIM_CASES)
 def test_fim_attention_kernel_matches_torch_path(triton_mode, dtype, block, branching, top_k,
                                                  branches, n):
@@ -216,12 +217,17 @@ def test_mistral_runs_its_fusable_ops_through_the_dispatchers(session, monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path is taken on CUDA only")
-def test_on_cuda_the_model_takes_the_triton_kernels_and_matches_the_references(session, monkeypatch):
+@pytest.mark.parametrize("family", ["mistral", "fim_mistral"])
+def test_on_cuda_the_models_take_the_triton_kernels_and_match_the_references(session, monkeypatch,
+                                                                            family):
     from conftest import build_model
 
-    fused = {name: _count_calls(monkeypatch, fn, "apply") for name, fn in [
-        ("norm", rmsnorm._RMSNormTriton), ("swiglu", swiglu._SwiGLUTriton),
-        ("rope", rotary._RotaryTriton), ("loss", cross_entropy._CrossEntropyTriton)]}
+    kernels = [("norm", rmsnorm._RMSNormTriton), ("swiglu", swiglu._SwiGLUTriton),
+               ("rope", rotary._RotaryTriton), ("loss", cross_entropy._CrossEntropyTriton)]
+    if family == "fim_mistral":
+        kernels.append(("fim", fim_attention._FimAttentionTriton))
+    fused = {name: _count_calls(monkeypatch, fn, "apply") for name, fn in kernels}
+    session.model.name = family
     model = build_model(session).cuda()
     ids = torch.randint(0, 256, (2, 64), device="cuda")
 
