@@ -123,8 +123,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, d
         assert info["JobState"] not in ("COMPLETED", "FAILED"), f"not requeued: {info}"
         assert time.monotonic() < deadline, f"not requeued: {info}"
         time.sleep(0.5)
-    # Slurm holds a requeued job ~2 minutes (BeginTime); release it now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # Slurm holds a requeued job ~2 minutes (BeginTime); release it sooner, but not at once: a
+    # relaunch within the second of the kill finds its new credential revoked and fails the job.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], check=True)
     info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
     batch, nodes = logs(tmp_path, "preempt", job)
     assert info["JobState"] == "COMPLETED", batch + nodes[-3000:]
