@@ -34,9 +34,35 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_ptrs, key_mask, scale, DOT: tl.constexpr):
-    k = tl.load(k_ptrs, mask=key_mask, other=0.0)
-    return _dot(q, tl.trans(k), DOT) * scale, k
+def _online_softmax(m_i, l_i, acc, s, v, DOT: tl.constexpr):
+    """Fold one key set's scores ``s`` and values ``v`` into the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + _dot(p, v, DOT)
+
+
+@triton.jit
+def _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, kv_base, block, dim, cols, d):
+    """Offsets of routed block ``r`` of leaf block ``c``, and whether the slot is in use (as a
+    block: the interpreter masks with blocks, not scalars)."""
+    ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
+    u = tl.load(route_ptr + (bg * n_blocks + c) * top_k + r)
+    return kv_base + (u * block + cols[:, None]) * dim + d[None, :], ok
+
+
+@triton.jit
+def _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, bg, c, n_slots, n_units, dim, d, d_ok,
+                  BLOCK_S: tl.constexpr):
+    """Offsets into the pooled keys of leaf block ``c``'s earlier siblings (all levels), which
+    slots are in use, and each slot's log-span bias."""
+    sl = tl.arange(0, BLOCK_S)
+    sl_in = sl < n_slots
+    slot_ok = tl.load(slot_ok_ptr + c * n_slots + sl, mask=sl_in, other=0) != 0
+    unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0)
+    bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
+    offs = bg.to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
+    return offs, slot_ok[:, None] & d_ok[None, :], slot_ok, bias
 
 
 @triton.jit
@@ -45,75 +71,48 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
              top_k, n_slots, scale,
              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
              DOT: tl.constexpr):
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b = bh // n_heads
-    g = (bh % n_heads) // rep
+    bh = tl.program_id(0)                       # (batch, query head)
+    c = tl.program_id(1)                        # leaf block
+    bg = (bh // n_heads) * (n_heads // rep) + (bh % n_heads) // rep   # (batch, kv group)
     rows = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_B)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < dim
     row_ok = rows < block
-    q_base = q_ptr + (bh.to(tl.int64) * n_pos + c * block) * dim
-    q = tl.load(q_base + rows[:, None] * dim + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    kv_base = (b * (n_heads // rep) + g).to(tl.int64) * n_pos * dim
-
+    q_offs = (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
+    kv_base = bg.to(tl.int64) * n_pos * dim
+    key_ok = (cols < block)[:, None] & d_ok[None, :]
     m_i = tl.full([BLOCK_B], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
-    key_ok = (cols < block)[:, None] & d_ok[None, :]
 
     # 1. local: the block's own keys, causally
     offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
-    s, _ = _scores(q, k_ptr + offs, key_ok, scale, DOT)
+    s = _dot(q, tl.trans(tl.load(k_ptr + offs, mask=key_ok, other=0.0)), DOT) * scale
     s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < block), s, -float("inf"))
-    v = tl.load(v_ptr + offs, mask=key_ok, other=0.0)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p, v, DOT)
-    m_i = m_new
-
+    m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s,
+                                    tl.load(v_ptr + offs, mask=key_ok, other=0.0), DOT)
     # 2. routed: whole earlier blocks chosen for this (batch, group, block)
     for r in range(0, top_k):
-        # the slot's validity as a block (the interpreter masks with blocks, not scalars)
-        ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
-        u = tl.load(route_ptr + ((b * (n_heads // rep) + g) * n_blocks + c) * top_k + r)
-        offs = kv_base + (u * block + cols[:, None]) * dim + d[None, :]
-        s, _ = _scores(q, k_ptr + offs, key_ok & ok[:, None], scale, DOT)
+        offs, ok = _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, kv_base,
+                                block, dim, cols, d)
+        mask = key_ok & ok[:, None]
+        s = _dot(q, tl.trans(tl.load(k_ptr + offs, mask=mask, other=0.0)), DOT) * scale
         s = tl.where((cols[None, :] < block) & ok[None, :], s, -float("inf"))
-        v = tl.load(v_ptr + offs, mask=key_ok & ok[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT)
-        m_i = m_new
-
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s,
+                                        tl.load(v_ptr + offs, mask=mask, other=0.0), DOT)
     # 3. summaries of earlier siblings, all levels at once, each with its log-span bias
     if n_slots > 0:
-        sl = tl.arange(0, BLOCK_S)
-        sl_in = sl < n_slots
-        slot_ok = tl.load(slot_ok_ptr + c * n_slots + sl, mask=sl_in, other=0) != 0
-        unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0)
-        bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
-        p_offs = (b * (n_heads // rep) + g).to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
-        p_mask = slot_ok[:, None] & d_ok[None, :]
-        s, _ = _scores(q, pk_ptr + p_offs, p_mask, scale, DOT)
+        offs, mask, slot_ok, bias = _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, bg, c, n_slots,
+                                                  n_units, dim, d, d_ok, BLOCK_S)
+        s = _dot(q, tl.trans(tl.load(pk_ptr + offs, mask=mask, other=0.0)), DOT) * scale
         s = tl.where(slot_ok[None, :], s + bias[None, :], -float("inf"))
-        v = tl.load(pv_ptr + p_offs, mask=p_mask, other=0.0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s,
+                                        tl.load(pv_ptr + offs, mask=mask, other=0.0), DOT)
 
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptr + q_offs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + bh.to(tl.int64) * n_pos + c * block + rows, m_i + tl.log(l_i), mask=row_ok)
 
 
@@ -142,8 +141,7 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
              DOT: tl.constexpr):
     bh = tl.program_id(0)
     c = tl.program_id(1)
-    b = bh // n_heads
-    g = (bh % n_heads) // rep
+    bg = (bh // n_heads) * (n_heads // rep) + (bh % n_heads) // rep
     rows = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_B)
     d = tl.arange(0, BLOCK_D)
@@ -156,7 +154,7 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     row_offs = bh.to(tl.int64) * n_pos + c * block + rows
     lse = tl.load(lse_ptr + row_offs, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + row_offs, mask=row_ok, other=0.0)
-    kv_base = (b * (n_heads // rep) + g).to(tl.int64) * n_pos * dim
+    kv_base = bg.to(tl.int64) * n_pos * dim
     key_ok = (cols < block)[:, None] & d_ok[None, :]
     zero_bias = tl.zeros([BLOCK_B, BLOCK_B], tl.float32)
 
@@ -165,23 +163,16 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     dq = _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs, dv_ptr + offs,
                       key_ok, valid, zero_bias, scale, DOT)
     for r in range(0, top_k):
-        ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
-        u = tl.load(route_ptr + ((b * (n_heads // rep) + g) * n_blocks + c) * top_k + r)
-        offs = kv_base + (u * block + cols[:, None]) * dim + d[None, :]
+        offs, ok = _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, kv_base,
+                                block, dim, cols, d)
         valid = (cols[None, :] < block) & row_ok[:, None] & ok[None, :]
         dq += _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs,
                            dv_ptr + offs, key_ok & ok[:, None], valid, zero_bias, scale, DOT)
     if n_slots > 0:
-        sl = tl.arange(0, BLOCK_S)
-        sl_in = sl < n_slots
-        slot_ok = tl.load(slot_ok_ptr + c * n_slots + sl, mask=sl_in, other=0) != 0
-        unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0)
-        bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
-        p_offs = (b * (n_heads // rep) + g).to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
-        p_mask = slot_ok[:, None] & d_ok[None, :]
-        valid = slot_ok[None, :] & row_ok[:, None]
-        dq += _key_set_bwd(q, do, lse, delta, pk_ptr + p_offs, pv_ptr + p_offs, dpk_ptr + p_offs,
-                           dpv_ptr + p_offs, p_mask, valid,
+        offs, mask, slot_ok, bias = _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, bg, c, n_slots,
+                                                  n_units, dim, d, d_ok, BLOCK_S)
+        dq += _key_set_bwd(q, do, lse, delta, pk_ptr + offs, pv_ptr + offs, dpk_ptr + offs,
+                           dpv_ptr + offs, mask, slot_ok[None, :] & row_ok[:, None],
                            tl.zeros([BLOCK_B, BLOCK_S], tl.float32) + bias[None, :], scale, DOT)
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 

@@ -49,18 +49,32 @@ def _epilogue(y, u, D, z):
 
 
 @triton.jit
-def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, ckpt_ptr, last_ptr, dim, dstate, length,
-              n_chunks, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pb = tl.program_id(0)
-    pd = tl.program_id(1)
-    ch = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+def _tile(a_ptr, pb, dim, dstate, length, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels and states, their masks, its block of A, and the row offsets of
+    u/delta/y (``[b, d, L]``) and of B/C (``[b, n, L]``)."""
+    ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     st = tl.arange(0, BLOCK_N)
     ch_ok = ch < dim
     st_ok = st < dstate
     ok2 = ch_ok[:, None] & st_ok[None, :]
     A = tl.load(a_ptr + ch[:, None] * dstate + st[None, :], mask=ok2, other=0.0).to(tl.float32)
-    row = (pb * dim + ch).to(tl.int64) * length             # u, delta, y: [b, d, L]
-    bc = (pb * dstate + st).to(tl.int64) * length           # B, C: [b, n, L]
+    return (ch, st, ch_ok, st_ok, ok2, A, (pb * dim + ch).to(tl.int64) * length,
+            (pb * dstate + st).to(tl.int64) * length)
+
+
+@triton.jit
+def _step_inputs(u_ptr, dt_ptr, b_ptr, row, bc, t, ch_ok, st_ok):
+    u = tl.load(u_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
+    Bt = tl.load(b_ptr + bc + t, mask=st_ok, other=0.0).to(tl.float32)
+    return u, dt, Bt
+
+
+@triton.jit
+def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, ckpt_ptr, last_ptr, dim, dstate, length,
+              n_chunks, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pb = tl.program_id(0)
+    ch, st, ch_ok, st_ok, ok2, A, row, bc = _tile(a_ptr, pb, dim, dstate, length, BLOCK_D, BLOCK_N)
     h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     for k in range(0, n_chunks):
         # the state entering chunk k, for the backward's recomputation
@@ -69,9 +83,7 @@ def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, ckpt_ptr, last_ptr, dim
         for i in range(0, CHUNK):
             t = k * CHUNK + i
             if t < length:
-                u = tl.load(u_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
-                dt = tl.load(dt_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
-                Bt = tl.load(b_ptr + bc + t, mask=st_ok, other=0.0).to(tl.float32)
+                u, dt, Bt = _step_inputs(u_ptr, dt_ptr, b_ptr, row, bc, t, ch_ok, st_ok)
                 Ct = tl.load(c_ptr + bc + t, mask=st_ok, other=0.0).to(tl.float32)
                 h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
                 tl.store(y_ptr + row + t, tl.sum(h * Ct[None, :], 1), mask=ch_ok)
@@ -85,14 +97,7 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, ckpt_ptr, scratch_ptr,
               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pb = tl.program_id(0)
     pd = tl.program_id(1)
-    ch = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    st = tl.arange(0, BLOCK_N)
-    ch_ok = ch < dim
-    st_ok = st < dstate
-    ok2 = ch_ok[:, None] & st_ok[None, :]
-    A = tl.load(a_ptr + ch[:, None] * dstate + st[None, :], mask=ok2, other=0.0).to(tl.float32)
-    row = (pb * dim + ch).to(tl.int64) * length
-    bc = (pb * dstate + st).to(tl.int64) * length
+    ch, st, ch_ok, st_ok, ok2, A, row, bc = _tile(a_ptr, pb, dim, dstate, length, BLOCK_D, BLOCK_N)
     # this program's scratch: CHUNK + 1 states (slot 0: the state entering the chunk)
     program = pb * tl.num_programs(1) + pd
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + st[None, :]
@@ -107,18 +112,14 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, ckpt_ptr, scratch_ptr,
         for i in range(0, CHUNK):                           # recompute the chunk's states
             t = k * CHUNK + i
             if t < length:
-                u = tl.load(u_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
-                dt = tl.load(dt_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
-                Bt = tl.load(b_ptr + bc + t, mask=st_ok, other=0.0).to(tl.float32)
+                u, dt, Bt = _step_inputs(u_ptr, dt_ptr, b_ptr, row, bc, t, ch_ok, st_ok)
                 h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
                 tl.store(scratch + (i + 1) * BLOCK_D * BLOCK_N, h)
         for ii in range(0, CHUNK):                          # adjoint recurrence, backwards
             i = CHUNK - 1 - ii
             t = k * CHUNK + i
             if t < length:
-                u = tl.load(u_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
-                dt = tl.load(dt_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
-                Bt = tl.load(b_ptr + bc + t, mask=st_ok, other=0.0).to(tl.float32)
+                u, dt, Bt = _step_inputs(u_ptr, dt_ptr, b_ptr, row, bc, t, ch_ok, st_ok)
                 Ct = tl.load(c_ptr + bc + t, mask=st_ok, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + row + t, mask=ch_ok, other=0.0).to(tl.float32)
                 h_t = tl.load(scratch + (i + 1) * BLOCK_D * BLOCK_N)
