@@ -170,8 +170,6 @@ class MistralLM(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ParallelConfig, core_attention=None):
         super().__init__()
         from megatron.core import parallel_state
-        from megatron.core.models.gpt import GPTModel
-
         from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                                  get_num_layers_to_build)
 
