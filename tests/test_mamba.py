@@ -1,6 +1,5 @@
 """Our Mamba block against transformers' MambaMixer (its torch path) and against itself run
 recurrently."""
-import pytest
 import torch
 
 from kernels import dispatch
