@@ -6,6 +6,8 @@ only describes the model.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,11 +108,23 @@ def _seeded_layer_class():
     return SeededTransformerLayer
 
 
+class _KnownMLPSubclass(logging.Filter):
+    """megatron's TransformerLayer logs "Unknown MLP type" for any MLP class other than its own
+    (and then passes no TP group, which MLP resolves itself): expected for our subclass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
 def _swiglu_mlp_class():
     """megatron's MLP with the gated activation done by ``kernels.swiglu`` (fused on CUDA)."""
     from megatron.core.transformer.mlp import MLP
 
     from kernels.swiglu import swiglu
+
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMLPSubclass) for f in layer_logger.filters):
+        layer_logger.addFilter(_KnownMLPSubclass())
 
     class SwiGLUMLP(MLP):
         def forward(self, hidden_states, per_token_scale=None, **kwargs):
