@@ -28,16 +28,93 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         delta = delta + delta_bias[..., None].float()
     if delta_softplus:
         delta = F.softplus(delta)
-    decay = torch.exp(delta[..., None] * A[:, None, :])                 # [b, d, L, n]
-    drive = (delta * u)[..., None] * B.transpose(1, 2)[:, None]         # [b, d, L, n]
+    # Split along L once: indexing position t in the loop would make autograd write each step's
+    # gradient into a zeroed full-size tensor (quadratic in L); unbind's backward is one stack.
+    decay = torch.exp(delta[..., None] * A[:, None, :]).unbind(2)      # L x [b, d, n]
+    drive = ((delta * u)[..., None] * B.transpose(1, 2)[:, None]).unbind(2)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[-1]):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+    states = []
+    for decay_t, drive_t in zip(decay, drive):
+        h = torch.addcmul(drive_t, decay_t, h)
+        states.append(h)
+    y = torch.einsum("bdln,bnl->bdl", torch.stack(states, dim=2), C)
     y = _epilogue(y, u, D, z)
     return (y.to(dtype), h) if return_last_state else y.to(dtype)
+
+
+class _ScanLoop(torch.autograd.Function):
+    """The recurrence on CPU in plain torch, with a hand-written backward: per chunk of CHUNK
+    positions the decays and inputs are formed in bulk and only one fused op per position runs
+    in Python order; the backward recomputes each chunk's states from the state saved at its
+    start and runs the adjoint recurrence the same way. No ``[b, d, L, n]`` tensor is ever
+    held, and autograd sees one node instead of L (several times faster than the definition)."""
+
+    CHUNK = 8
+
+    @staticmethod
+    def _positions_first(*tensors):
+        """``[b, ., L]`` -> contiguous ``[L, b, .]``: each chunk is then one contiguous slice."""
+        return tuple(t.permute(2, 0, 1).contiguous() for t in tensors)
+
+    @staticmethod
+    def _chunk_terms(A, delta_t, du_t, B_t):
+        """Positions ``[k, b, d]`` -> (decay, drive), ``[k, b, d, n]``."""
+        return torch.exp(delta_t[..., None] * A), du_t[..., None] * B_t[:, :, None, :]
+
+    @staticmethod
+    def _states(h, decay, drive):
+        """The chunk's states ``[k, b, d, n]`` from the state entering it."""
+        states = torch.empty_like(decay)
+        for i in range(decay.shape[0]):
+            h = torch.addcmul(drive[i], decay[i], h, out=states[i])
+        return states
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        uT, dT, BT, CT = _ScanLoop._positions_first(u, delta, B, C)
+        duT = dT * uT
+        length, K = uT.shape[0], _ScanLoop.CHUNK
+        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        entering, ys = [], []
+        for s in range(0, length, K):
+            entering.append(h)
+            decay, drive = _ScanLoop._chunk_terms(A, dT[s:s + K], duT[s:s + K], BT[s:s + K])
+            states = _ScanLoop._states(h, decay, drive)
+            ys.append((states * CT[s:s + K, :, None, :]).sum(-1))
+            h = states[-1].clone()
+        ctx.save_for_backward(u, delta, A, B, C, torch.stack(entering))
+        ctx.mark_non_differentiable(h)
+        return torch.cat(ys).permute(1, 2, 0), h
+
+    @staticmethod
+    def backward(ctx, dy, _dlast):
+        u, delta, A, B, C, entering = ctx.saved_tensors
+        uT, dT, BT, CT, dyT = _ScanLoop._positions_first(u, delta, B, C, dy.to(u.dtype))
+        duT = dT * uT
+        length, K = uT.shape[0], _ScanLoop.CHUNK
+        d_du, d_delta = torch.empty_like(duT), torch.empty_like(duT)
+        dB, dC = torch.empty_like(BT), torch.empty_like(CT)
+        dA = torch.zeros_like(A)
+        carry = torch.zeros_like(entering[0])   # decay_{t+1} * dL/dh_{t+1}, from the next chunk
+        for c in reversed(range(entering.shape[0])):
+            s = c * K
+            e = min(s + K, length)
+            decay, drive = _ScanLoop._chunk_terms(A, dT[s:e], duT[s:e], BT[s:e])
+            states = _ScanLoop._states(entering[c], decay, drive)
+            previous = torch.cat([entering[c][None], states[:-1]])
+            grads = dyT[s:e, :, :, None] * CT[s:e, :, None, :]          # dL/dh_t from y_t
+            for i in reversed(range(e - s)):
+                torch.add(grads[i], carry, out=grads[i])                # + from h_{t+1}
+                carry = grads[i] * decay[i]
+            dC[s:e] = (states * dyT[s:e, :, :, None]).sum(2)
+            dB[s:e] = (grads * duT[s:e, :, :, None]).sum(2)
+            d_du[s:e] = (grads * BT[s:e, :, None, :]).sum(-1)
+            d_dA = grads * previous * decay                             # d/d(delta * A)
+            d_delta[s:e] = (d_dA * A).sum(-1)
+            dA += (d_dA * dT[s:e, :, :, None]).sum((0, 1))
+        du = (d_du * dT).permute(1, 2, 0)
+        ddelta = (d_delta + d_du * uT).permute(1, 2, 0)
+        return du, ddelta, dA, dB.permute(1, 2, 0), dC.permute(1, 2, 0)
 
 
 def _epilogue(y, u, D, z):
@@ -183,14 +260,18 @@ class _ScanTriton(torch.autograd.Function):
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
     """Dispatcher (mamba-ssm's ``selective_scan_fn`` signature): the Triton kernel on CUDA, the
-    reference elsewhere. Returns ``y`` (u's dtype), and the final state ``[b, d, n]`` (fp32) if
+    chunked CPU loop elsewhere, the step-by-step definition when the reference mode is forced.
+    Returns ``y`` (u's dtype), and the final state ``[b, d, n]`` (fp32) if
     asked."""
-    if not dispatch.use_triton(u, delta, A, B, C):
+    if dispatch.mode() == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state)
     if delta_bias is not None or delta_softplus:  # in fp32, as the kernel computes
         delta = delta.float() + (0.0 if delta_bias is None else delta_bias[..., None].float())
         delta = F.softplus(delta) if delta_softplus else delta
-    y, last = _ScanTriton.apply(u, delta, A, B, C)
+    if dispatch.use_triton(u, delta, A, B, C):
+        y, last = _ScanTriton.apply(u, delta, A, B, C)
+    else:
+        y, last = _ScanLoop.apply(u.float(), delta.float(), A.float(), B.float(), C.float())
     y = _epilogue(y, u, D, z).to(u.dtype)
     return (y, last) if return_last_state else y
