@@ -15,6 +15,9 @@ class ModelFamily:
     parameter_count: Callable[[ModelConfig], int]
     training_flops_per_token: Callable[[ModelConfig], float]
     description: str
+    # Which of tensor / pipeline parallelism the family's layers implement (DP and ZeRO: all).
+    tensor_parallel: bool = True
+    pipeline_parallel: bool = True
 
 
 def _mistral() -> ModelFamily:
@@ -30,8 +33,26 @@ def _fim_mistral() -> ModelFamily:
                        "FIM-Mistral (local + hierarchical summaries + routed blocks attention)")
 
 
+def _fractal_mamba() -> ModelFamily:
+    from . import fractal_mamba
+    return ModelFamily(fractal_mamba.build, fractal_mamba.parameter_count,
+                       fractal_mamba.training_flops_per_token,
+                       "fractal Mamba (byte-level; seeded fractal modules + Mamba blocks)",
+                       tensor_parallel=False, pipeline_parallel=False)
+
+
+def _fractalformer() -> ModelFamily:
+    from . import fractalformer
+    return ModelFamily(fractalformer.build, fractalformer.parameter_count,
+                       fractalformer.training_flops_per_token,
+                       "FractalFormer (nested self-similar sub-models, trained jointly)",
+                       tensor_parallel=False, pipeline_parallel=False)
+
+
 # Lazy factories keep `import model` cheap (megatron-core imports take seconds).
-_FAMILIES: dict[str, Callable[[], ModelFamily]] = {"mistral": _mistral, "fim_mistral": _fim_mistral}
+_FAMILIES: dict[str, Callable[[], ModelFamily]] = {
+    "mistral": _mistral, "fim_mistral": _fim_mistral, "fractal_mamba": _fractal_mamba,
+    "fractalformer": _fractalformer}
 
 
 def names() -> list[str]:

@@ -71,6 +71,64 @@ class FimConfig:
 
 
 @dataclass
+class FractalMambaConfig:
+    """model.name=fractal_mamba (model/fractal_mamba.py). Each layer holds ``modules_per_layer``
+    fractal modules whose depth and width are drawn from the ranges below by ``architecture_seed``:
+    the drawn architecture is a function of this config alone, so a checkpoint rebuilds it."""
+    modules_per_layer: int = 2
+    depth_min: int = 1                 # fractal depth c: 2^c - 1 linear layers per module
+    depth_max: int = 3
+    width_min: int = 128               # module width, drawn in multiples of 8
+    width_max: int = 256
+    drop_path: float = 0.0             # FractalNet local drop-path at each join (training only)
+    architecture_seed: int = 0
+    state_size: int = 16               # Mamba SSM state per channel
+    expand: int = 2                    # Mamba inner width = expand x hidden_size
+    conv_kernel: int = 4
+
+    def validate(self) -> None:
+        _positive(self, "model.fractal_mamba", ["depth_min", "width_min", "state_size", "expand",
+                                                 "conv_kernel"])
+        if self.modules_per_layer < 0:
+            raise ConfigError("model.fractal_mamba.modules_per_layer must be >= 0")
+        if self.depth_max < self.depth_min or self.width_max < self.width_min:
+            raise ConfigError("model.fractal_mamba: depth_max >= depth_min and width_max >= width_min")
+        if -(-self.width_min // 8) * 8 > self.width_max:
+            raise ConfigError(f"model.fractal_mamba: no multiple of 8 in [width_min, width_max] = "
+                              f"[{self.width_min}, {self.width_max}] (widths are multiples of 8)")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"model.fractal_mamba.drop_path={self.drop_path} must be in [0, 1)")
+
+
+@dataclass
+class FractalFormerConfig:
+    """model.name=fractalformer (model/fractalformer.py): ``levels`` nested levels; every model
+    at level l holds ``branching`` models at level l+1, each 1/branching of its width."""
+    levels: int = 3                    # level 0: the full model
+    branching: int = 2
+    level_weights: list[float] = field(default_factory=list)  # joint loss weights; empty: equal
+    upstream_residual: bool = False    # add the sub-models' concatenated residual states to their parent's
+
+    def validate(self, model: "ModelConfig") -> None:
+        if self.levels < 1 or self.branching < 2:
+            raise ConfigError(f"model.fractalformer: need levels >= 1 and branching >= 2 (got "
+                              f"{self.levels}, {self.branching})")
+        if self.level_weights and (len(self.level_weights) != self.levels
+                                   or min(self.level_weights) < 0 or sum(self.level_weights) <= 0):
+            raise ConfigError(f"model.fractalformer.level_weights={self.level_weights}: one weight "
+                              f">= 0 per level ({self.levels}), not all zero; or empty for equal")
+        split = self.branching ** (self.levels - 1)
+        head_dim = model.hidden_size // model.num_attention_heads
+        for key, value, multiple in (("hidden_size", model.hidden_size, split),
+                                     ("ffn_hidden_size", model.ffn_hidden_size, split),
+                                     ("hidden_size / num_attention_heads", head_dim, 2 * split)):
+            if value % multiple:
+                raise ConfigError(f"model.{key}={value} must be divisible by {multiple} for "
+                                  f"model.fractalformer levels={self.levels}, branching="
+                                  f"{self.branching} (the smallest models' share, even for RoPE)")
+
+
+@dataclass
 class ModelConfig:
     name: str = "mistral"
     num_layers: int = 4
@@ -90,9 +148,14 @@ class ModelConfig:
     # reference: the torch references everywhere (to compare numerics or rule a kernel out)
     kernels: Literal["auto", "reference"] = "auto"
     fim: FimConfig = field(default_factory=FimConfig)  # used by model.name=fim_mistral
+    fractal_mamba: FractalMambaConfig = field(default_factory=FractalMambaConfig)
+    fractalformer: FractalFormerConfig = field(default_factory=FractalFormerConfig)
 
     def validate(self) -> None:
         self.fim.validate(self.num_layers)
+        self.fractal_mamba.validate()
+        if self.name == "fractalformer":
+            self.fractalformer.validate(self)
         _positive(self, "model", ["num_layers", "hidden_size", "num_attention_heads",
                                   "num_query_groups", "ffn_hidden_size", "seq_length"])
         if self.hidden_size % self.num_attention_heads:
@@ -214,6 +277,12 @@ class RunConfig:
         if self.model.name == "fim_mistral" and self.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel=true is not supported by fim_mistral yet (its "
                               "position embedding is added to the unsplit sequence); leave it false")
+        if self.model.name in ("fractal_mamba", "fractalformer") and self.data.mask_documents:
+            raise ConfigError(f"data.mask_documents=true is not supported by {self.model.name} (its "
+                              "sequence mixing has no document boundaries); leave it false")
+        if self.model.name == "fractalformer" and self.model.sliding_window:
+            raise ConfigError("model.sliding_window is not supported by fractalformer (full causal "
+                              "attention at every level); set it to 0")
         if self.model.name == "fim_mistral" and self.data.mask_documents:
             raise ConfigError("data.mask_documents=true is not supported by fim_mistral: its summaries "
                               "and routed blocks would need per-document bounds; leave it false")

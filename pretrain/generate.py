@@ -1,8 +1,9 @@
 """Sample text from a checkpoint: temperature, top-k and nucleus (top-p) sampling, streamed.
 
 Any checkpoint layout loads: ZeRO and tensor-parallel shards are merged (as `export` does) into
-one process. Every new token re-runs the model over the last ``model.seq_length`` tokens (no KV
-cache yet): fine for the small models this runs on a CPU, quadratic in the context for big ones.
+one process. Recurrent models (fractal Mamba) carry their state from token to token; the others
+re-run the last ``model.seq_length`` tokens per new token (no KV cache yet): fine for the small
+models this runs on a CPU, quadratic in the context for big ones.
 """
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ class Generator:
         self.model.load_state_dict({k if k in own else "gpt." + k: v for k, v in state.items()})
         self.model.eval()
 
+    def _next_logits(self, ids: list[int]) -> Iterator[torch.Tensor]:
+        """Next-token logits after ``ids``, again each time the caller has appended a token.
+        Recurrent models (``step``) carry their state: O(1) per token; the others re-run the
+        last ``model.seq_length`` tokens."""
+        if hasattr(self.model, "step"):
+            state = self.model.initial_state(1)
+            for token in ids[:-1]:
+                _, state = self.model.step(torch.tensor([token]), state)
+            fed = len(ids) - 1
+            while True:
+                logits, state = self.model.step(torch.tensor([ids[fed]]), state)
+                fed += 1
+                yield logits[0]
+        window = self.cfg.model.seq_length
+        while True:
+            yield self.model(torch.tensor([ids[-window:]]), None)[0, -1]
+
     @torch.no_grad()
     def stream(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                top_p: float, seed: int) -> Iterator[str]:
@@ -66,11 +84,10 @@ class Generator:
         ids = [int(i) for i in self.tokenizer.encode(prompt.encode("utf-8"))] or [self.tokenizer.eos_id]
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         emitted, new = b"", []
-        window = self.cfg.model.seq_length
+        logits = self._next_logits(ids)
         for _ in range(max_new_tokens):
-            context = torch.tensor([ids[-window:]])
-            logits = self.model(context, None)[0, -1, : self.tokenizer.vocab_size]
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = sample_next(next(logits)[: self.tokenizer.vocab_size], temperature, top_k,
+                                top_p, generator)
             if token == self.tokenizer.eos_id:
                 break
             ids.append(token)

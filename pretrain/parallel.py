@@ -52,7 +52,15 @@ def _env_from_launcher() -> tuple[int, int, int] | None:
 
 def validate_layout(cfg: RunConfig, world_size: int) -> int:
     """Check the layout against the world and the model; return the data-parallel size."""
+    from model import get_family
+
     tp, pp, m = cfg.parallel.tp, cfg.parallel.pp, cfg.model
+    family = get_family(m.name)
+    for kind, size, supported in (("tp", tp, family.tensor_parallel), ("pp", pp, family.pipeline_parallel)):
+        if size > 1 and not supported:
+            raise ConfigError(f"parallel.{kind}={size}: model.name={m.name} supports data parallelism "
+                              f"and ZeRO only (its layers are not sharded and it has no pipeline "
+                              f"stages); set parallel.{kind}=1 and scale with more data-parallel ranks")
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp "
                           f"= {tp} x {pp}; launch a multiple of {tp * pp} processes")

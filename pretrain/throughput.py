@@ -11,8 +11,10 @@ import torch
 def matmul_probe_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """Dense matmul throughput of this device: the denominator of MFU when no peak is given."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: the global RNG stream belongs to the run (drop-path masks, resume).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(3):
         a @ b
     if device.type == "cuda":

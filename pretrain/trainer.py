@@ -234,6 +234,8 @@ def train(cfg: RunConfig, resume: str = "auto",
     logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
                  f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
                  f"| {cfg.parallel.dtype} | run dir {run_dir}")
+    if hasattr(model, "describe"):  # e.g. fractal Mamba's drawn architecture
+        logger.print(model.describe())
     logger.print(f"MFU denominator: {peak_tflops:.3f} TFLOP/s per device "
                  f"({'train.peak_tflops' if t.peak_tflops else 'matmul probe'}); "
                  f"{flops_per_token / 1e6:.1f} MFLOP per training token")
@@ -276,6 +278,8 @@ def train(cfg: RunConfig, resume: str = "auto",
             record["grad_norm"] = float(grad_norm)
         if d.on_error == "skip":
             record["data_skipped_shards"] = skipped_shards(data)
+        if hasattr(model, "log_metrics"):  # a family's own numbers, e.g. FractalFormer's per-level losses
+            record.update(model.log_metrics())
         logger.log(record)
         logger.advance(steps, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
                                "tok/s": f"{tps:,.0f}", "mfu": f"{record['mfu']:.0%}"})
