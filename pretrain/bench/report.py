@@ -58,6 +58,25 @@ def plot_tasks(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _attention_section(att: dict) -> list[str]:
+    shape = att["shape"]
+    lines = ["### Attention scaling", "",
+             f"Forward+backward of one attention call on {att['device']}, {shape['dtype']}, "
+             f"batch {shape['batch']}, {shape['heads']} heads / {shape['kv_heads']} KV heads, "
+             f"head dim {shape['head_dim']}; sliding window {shape['window']}; FIM block "
+             f"{shape['block']}, branching {shape['branching']}, top-{shape['top_k']} "
+             f"(`python -m pretrain bench attention`). Exponent: least-squares slope of log time "
+             f"against log N over N in {att['fit_range']}.", "",
+             "| method | exponent | " + " | ".join(
+                 f"N={p['n']} ms" for p in att["methods"]["dense"]["points"]) + " |",
+             "|---|---|" + "---|" * len(att["methods"]["dense"]["points"])]
+    for method, entry in att["methods"].items():
+        exponent = "n/a" if entry["exponent"] is None else f"{entry['exponent']:.3f}"
+        cells = [f"{p['fwd_bwd_ms']:.1f}" if "fwd_bwd_ms" in p else "skipped" for p in entry["points"]]
+        lines.append(f"| {method} | {exponent} | " + " | ".join(cells) + " |")
+    return lines + ["", "![attention scaling](attention/attention_scaling.png)", ""]
+
+
 def render(results: dict) -> str:
     arms, base = results["arms"], results["baseline"]
     hw = results["hardware"]
@@ -97,23 +116,20 @@ def render(results: dict) -> str:
                      for c in results["contexts"]]
             lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
     lines += ["", "![retrieval accuracy against context length](tasks.png)", ""]
-    att = results["attention"]
-    shape = att["shape"]
-    lines += ["### Attention scaling", "",
-              f"Forward+backward of one attention call on {att['device']}, {shape['dtype']}, "
-              f"batch {shape['batch']}, {shape['heads']} heads / {shape['kv_heads']} KV heads, "
-              f"head dim {shape['head_dim']}; sliding window {shape['window']}; FIM block "
-              f"{shape['block']}, branching {shape['branching']}, top-{shape['top_k']} "
-              f"(`python -m pretrain bench attention`). Exponent: least-squares slope of log time "
-              f"against log N over N in {att['fit_range']}.", "",
-              "| method | exponent | " + " | ".join(
-                  f"N={p['n']} ms" for p in att["methods"]["dense"]["points"]) + " |",
-              "|---|---|" + "---|" * len(att["methods"]["dense"]["points"])]
-    for method, entry in att["methods"].items():
-        exponent = "n/a" if entry["exponent"] is None else f"{entry['exponent']:.3f}"
-        cells = [f"{p['fwd_bwd_ms']:.1f}" if "fwd_bwd_ms" in p else "skipped" for p in entry["points"]]
-        lines.append(f"| {method} | {exponent} | " + " | ".join(cells) + " |")
-    lines += ["", "![attention scaling](attention/attention_scaling.png)", ""]
+    levels = {name: arm for name, arm in arms.items() if arm["runs"][0].get("level_losses")}
+    if levels:
+        keys = sorted(next(iter(levels.values()))["runs"][0]["level_losses"])
+        lines += ["### Nested models: training loss per level (nats/token, last log window)", "",
+                  "Level 0 is the full model; level l holds branching^l models of 1/branching^l "
+                  "its width, each predicting every token (their mean loss).", "",
+                  "| arm | seed | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for name, arm in levels.items():
+            for run in arm["runs"]:
+                cells = [f"{run['level_losses'].get(k, float('nan')):.4f}" for k in keys]
+                lines.append(f"| {name} | {run['seed']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if results["attention"] is not None:
+        lines += _attention_section(results["attention"])
     if results["claims"]:
         lines += ["## Claims of the FIM design document", "",
                   f"Evidence from arm `{results['claims_arm']}` against `{base}`.", "",
