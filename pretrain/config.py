@@ -207,6 +207,38 @@ class ParallelConfig:
 
 
 @dataclass
+class QControlConfig:
+    """Q-learning control of LR and momentum (pretrain/qcontrol.py): every ``every`` steps the
+    controller reads the loss trend, the gradient-norm variation and its current LR/momentum,
+    takes an action that scales them within the bounds, and learns from the reward (loss
+    improvement minus ``stability_weight`` x gradient-norm variation)."""
+    enabled: bool = False
+    every: int = 10                    # steps per decision: the window state and reward are read over
+    lr_scale_min: float = 0.1          # bounds of the factor applied on top of the LR schedule
+    lr_scale_max: float = 4.0
+    momentum_min: float = 0.8          # bounds of beta1 (AdamW) or momentum (SGD)
+    momentum_max: float = 0.99
+    epsilon: float = 0.3               # exploration rate at the first decision
+    epsilon_decay: float = 0.97        # multiplied in after every decision
+    epsilon_min: float = 0.02
+    alpha: float = 0.2                 # Q-table learning rate
+    gamma: float = 0.9                 # discount
+    stability_weight: float = 0.5
+    seed: int = 0                      # the controller's own RNG (exploration, ties)
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError("optim.qcontrol.every must be >= 1")
+        if not 0 < self.lr_scale_min <= 1 <= self.lr_scale_max:
+            raise ConfigError("optim.qcontrol: need 0 < lr_scale_min <= 1 <= lr_scale_max")
+        if not 0 <= self.momentum_min <= self.momentum_max < 1:
+            raise ConfigError("optim.qcontrol: need 0 <= momentum_min <= momentum_max < 1")
+        for key in ("epsilon", "epsilon_decay", "epsilon_min", "alpha", "gamma"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"optim.qcontrol.{key}={getattr(self, key)} must be in [0, 1]")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -216,8 +248,14 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0             # 0 disables clipping
+    qcontrol: QControlConfig = field(default_factory=QControlConfig)
 
     def validate(self) -> None:
+        self.qcontrol.validate()
+        q = self.qcontrol
+        if q.enabled and not q.momentum_min <= self.beta1 <= q.momentum_max:
+            raise ConfigError(f"optim.beta1={self.beta1} must lie within optim.qcontrol's momentum "
+                              f"bounds [{self.qcontrol.momentum_min}, {self.qcontrol.momentum_max}]")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ConfigError("optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import torch
 
@@ -10,16 +11,19 @@ from .config import RunConfig
 from .parallel import Layout, MegatronMpu
 
 
-def lr_lambda(cfg: RunConfig):
-    """Multiplier of optim.lr at a step: linear warmup, then cosine down to optim.min_lr."""
+def lr_lambda(cfg: RunConfig, scale: Callable[[], float] | None = None):
+    """Multiplier of optim.lr at a step: linear warmup, then cosine down to optim.min_lr; times
+    ``scale()`` when given (the Q-learning controller's LR factor)."""
     o, total = cfg.optim, cfg.train.steps
     floor = o.min_lr / o.lr
 
     def factor(step: int) -> float:
         if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            f = (step + 1) / o.warmup_steps
+        else:
+            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return f * scale() if scale is not None else f
 
     return factor
 
@@ -111,12 +115,13 @@ def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
     return ds
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout):
+def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout,
+                 lr_scale: Callable[[], float] | None = None):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
     optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, lr_scale))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, layout), mpu=MegatronMpu(),

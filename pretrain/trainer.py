@@ -21,6 +21,7 @@ from data_pipeline.shards import read_manifest
 from . import checkpoint
 from .config import ConfigError, RunConfig, save_config
 from .metrics import RunLogger
+from .qcontrol import QController
 from .steps import eval_losses, train_step
 from .throughput import matmul_probe_tflops, peak_memory_mb, retain_freed_host_memory
 
@@ -129,6 +130,14 @@ def skipped_shards(data: StreamingLoader) -> int:
     return int(count.item())
 
 
+def _dp_mean(t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(t, group=group)
+    return t / dist.get_world_size(group)
+
+
 class _Window:
     """Loss and byte sums since the last log line, kept on device: no host sync per step.
     Non-finite micro-batch losses (skipped updates) are left out of the average."""
@@ -206,7 +215,9 @@ def train(cfg: RunConfig, resume: str = "auto",
             import torch._inductor.config as inductor_config
             inductor_config.cpp_wrapper = True  # kernels launched from C++: less Python per step
         model.compile()  # in place: parameter names, hence checkpoints, stay those of eager
-    engine = build_engine(cfg, model, layout)
+    controller = QController(cfg.optim.qcontrol, cfg.optim.beta1) if cfg.optim.qcontrol.enabled else None
+    engine = build_engine(cfg, model, layout,
+                          lr_scale=(lambda: controller.lr_scale) if controller is not None else None)
 
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
     source = checkpoint.resolve(resume, run_dir)
@@ -223,6 +234,8 @@ def train(cfg: RunConfig, resume: str = "auto",
                 f"{d.path} holds {tokenizer.get('fingerprint')!r}: resume on the same dataset")
         data.load_state_dict(extra["data"])
         checkpoint.set_rng_state(extra["rng"])
+        if controller is not None and "qcontrol" in extra:
+            controller.load_state_dict(extra["qcontrol"])
 
     flops_per_token = family.training_flops_per_token(cfg.model)
     peak_tflops = t.peak_tflops or matmul_probe_tflops(
@@ -246,6 +259,8 @@ def train(cfg: RunConfig, resume: str = "auto",
                   "nonfinite_skipped_steps": skipped, "nonfinite_in_a_row": skipped_in_a_row,
                   "tokenizer": tokenizer.get("fingerprint")}
         extra = {"data": data.state_dict(), "rng": checkpoint.rng_state()}
+        if controller is not None:
+            extra["qcontrol"] = controller.state_dict()
         path = checkpoint.save(engine, ckpt_dir, at_step, client, extra, cfg, t.keep_last)
         logger.print(f"checkpoint: {path}")
 
@@ -313,6 +328,11 @@ def train(cfg: RunConfig, resume: str = "auto",
             tokens += tokens_per_step
             elapsed += time.perf_counter() - t0
             window.steps += 1
+            if controller is not None:
+                decision = controller.observe(losses.mean(), engine.get_global_grad_norm(), _dp_mean)
+                if decision is not None:
+                    controller.apply(engine.lr_scheduler)
+                    logger.log({"step": step, "split": "qcontrol", **decision})
 
             if step % t.log_every == 0 or step == t.steps:
                 with record_function("phase/logging"):

@@ -135,6 +135,24 @@ def test_every_number_in_the_report_is_in_results_json():
     assert "9.8765" in render(changed)
 
 
+def test_a_comparison_without_a_fim_arm_reports_no_fim_claims_and_shows_level_losses():
+    """Arms of other families: no attention scaling or FIM claims (they are the FIM document's);
+    a FractalFormer arm's per-level training losses get their own table, from results.json."""
+    results = json.loads(json.dumps(fabricated()))
+    arm = results["arms"].pop("fim_mistral")
+    arm.update(name="fractalformer", model="fractalformer")
+    for run in arm["runs"]:
+        run["level_losses"] = {"loss_level0": 1.2345, "loss_level1": 1.3456, "loss_level2": 1.5678}
+    results["arms"]["fractalformer"] = arm
+    results.update(variants=["fractalformer"], claims_arm=None, attention=None, claims=[],
+                   inspect_attention_png=None)
+    report = render(results)
+    for absent in ("### Attention scaling", "## Claims", "fim_attention.png"):
+        assert absent not in report
+    assert "### Nested models: training loss per level" in report
+    assert "| fractalformer | 1 | 1.2345 | 1.3456 | 1.5678 |" in report
+
+
 def test_rerunning_a_comparison_reuses_finished_runs(dataset, tmp_path):
     args = ["-m", "pretrain", "bench", "compare", "--baseline", str(ROOT / "configs" / "mistral_tiny.yaml"),
             "--variant", str(ROOT / "configs" / "fim_mistral_tiny.yaml"), "--seeds", "1",
