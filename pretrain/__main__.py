@@ -206,6 +206,36 @@ def _dry_run(cfg, world_size: int | None) -> int:
     return 0
 
 
+TUNE_EPILOG = """\
+examples:
+  python -m pretrain tune --config configs/tune/pbt_tiny.yaml --out runs/tune-pbt
+  python -m pretrain tune --config configs/tune/pbt_tiny.yaml --out runs/tune-pbt --resume
+  python -m pretrain tune --config configs/tune/asha_tiny.yaml --address auto   # a running cluster
+  sbatch --nodes 2 slurm/ray_cluster.sbatch python -m pretrain tune --config ... --address auto
+
+The tune YAML names a base run config, overrides for every trial, the search space (any dotted
+config key: loguniform / uniform / randint / choice), the scheduler (pbt, pb2, asha, fifo), the
+number of trials and CPUs per trial. Trials report validation bpb at every train.eval_every.
+"""
+
+
+def _tune_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "tune", help="Ray Tune search over the trainer (PBT, PB2, ASHA)",
+        description="Run a Ray Tune search whose trials are real training runs; writes OUT/experiment "
+                    "(every trial's config, metrics, checkpoints), OUT/summary.md, summary.json, "
+                    "best_config.yaml and curves.png.",
+        epilog=TUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="tune YAML (configs/tune/*.yaml)")
+    p.add_argument("--out", default="runs/tune", help="results directory (default runs/tune)")
+    p.add_argument("--address", default=None,
+                   help="a running Ray cluster (e.g. auto, or host:port; default $RAY_ADDRESS, else a "
+                        "local Ray limited to --num-cpus)")
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray's CPUs (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment in OUT (Tuner.restore)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain",
                                      description="Distributed pretraining for fractal architectures.")
@@ -215,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     _generate_parser(sub)
     _inspect_parser(sub)
+    _tune_parser(sub)
     args = parser.parse_args(argv)
     if args.verb == "generate" and args.prompt is None and not args.interactive:
         parser.error("generate needs --prompt TEXT and/or --interactive")
@@ -257,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "bench":
             from .bench import data as bench_data
             bench_data.run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
+            return 0
+        if args.verb == "tune":
+            import os
+
+            from .tune import run as tune_run
+            summary = tune_run(args.config, args.out, args.address or os.environ.get("RAY_ADDRESS"),
+                               args.resume, args.num_cpus)
+            best = summary["best"]
+            print(f"summary: {Path(args.out) / 'summary.md'}; best val bpb "
+                  f"{'n/a' if best is None else format(best['bpb'], '.4f')}")
             return 0
         if args.verb == "inspect-attention":
             from .inspect_attention import main as inspect_main

@@ -132,3 +132,21 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout,
         engine.enable_backward_allreduce = False
     return engine
 
+
+
+def reapply_optimizer_settings(cfg: RunConfig, engine, controller=None) -> None:
+    """After loading a checkpoint, the config's optimizer settings win over the saved ones: a run
+    resumed with a changed ``optim.*`` (PBT's explore step, a manual LR change) trains with the
+    new values from the next step; an unchanged config leaves every value as it was. The LR stays
+    on the schedule (``optim.lr`` x the schedule factor at the current step); beta1 is the
+    Q-learning controller's momentum where one runs."""
+    o, scheduler = cfg.optim, engine.lr_scheduler
+    optimizer = scheduler.optimizer
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    beta1 = controller.momentum if controller is not None else o.beta1
+    for index, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas)):
+        group["initial_lr"] = o.lr
+        group["lr"] = o.lr * factor(scheduler.last_epoch)
+        group["betas"], group["eps"] = (beta1, o.beta2), o.eps
+        if index == 0:  # param_groups(): the decayed matrices first, then the vectors (no decay)
+            group["weight_decay"] = o.weight_decay

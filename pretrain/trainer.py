@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -49,6 +50,8 @@ class StopSignal:
     def __init__(self):
         self.signum = 0
         self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. a Ray Tune trial's thread: Ray owns signals and stops the trial itself
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -178,14 +181,17 @@ def _report_rank(layout, what: str) -> None:
 
 
 def train(cfg: RunConfig, resume: str = "auto",
-          on_step: Callable[[int, float], None] | None = None) -> int:
+          on_step: Callable[[int, float], None] | None = None,
+          on_eval: Callable[[int, dict, Path | None], None] | None = None) -> int:
     """Train to ``train.steps``; returns an exit status (EXIT_*). ``on_step(step, seconds)`` is
     called after every step with its wall time, evaluation and checkpointing included (bench
-    train times and profiles steps through it)."""
+    train times and profiles steps through it). ``on_eval(step, result, checkpoint)`` follows
+    every evaluation after step 0, with the checkpoint written at that step if any (`tune`
+    reports through it)."""
     from model import get_family
 
     from . import parallel
-    from .engine import build_engine
+    from .engine import build_engine, reapply_optimizer_settings
 
     family = get_family(cfg.model.name)
     tokenizer = dataset_tokenizer(cfg)
@@ -236,6 +242,7 @@ def train(cfg: RunConfig, resume: str = "auto",
         checkpoint.set_rng_state(extra["rng"])
         if controller is not None and "qcontrol" in extra:
             controller.load_state_dict(extra["qcontrol"])
+        reapply_optimizer_settings(cfg, engine, controller)
 
     flops_per_token = family.training_flops_per_token(cfg.model)
     peak_tflops = t.peak_tflops or matmul_probe_tflops(
@@ -263,6 +270,7 @@ def train(cfg: RunConfig, resume: str = "auto",
             extra["qcontrol"] = controller.state_dict()
         path = checkpoint.save(engine, ckpt_dir, at_step, client, extra, cfg, t.keep_last)
         logger.print(f"checkpoint: {path}")
+        return path
 
     def run_eval(at_step: int) -> dict:
         result = evaluate(engine, cfg, layout)
@@ -337,13 +345,16 @@ def train(cfg: RunConfig, resume: str = "auto",
             if step % t.log_every == 0 or step == t.steps:
                 with record_function("phase/logging"):
                     log_window()
+            evaluated, saved = None, None
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 with record_function("phase/evaluation"):
-                    run_eval(step)
+                    evaluated = run_eval(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
                 with record_function("phase/checkpoint"):
-                    save(step)
+                    saved = save(step)
                 last_saved = step
+            if on_eval is not None and evaluated is not None:
+                on_eval(step, evaluated, saved)
             if on_step is not None:
                 on_step(step, time.perf_counter() - t0)
             if stop.requested(layout.world_size):
@@ -357,8 +368,9 @@ def train(cfg: RunConfig, resume: str = "auto",
                 _report_rank(layout, f"stopped at step {step}")
                 return EXIT_STOPPED
         result = run_eval(step)
-        if step != last_saved:
-            save(step)
+        final = save(step) if step != last_saved else ckpt_dir / checkpoint.latest_tag(ckpt_dir)
+        if on_eval is not None:
+            on_eval(step, result, final)
         logger.print(f"done: {step} steps, {tokens:,} tokens, final val bpb {result['bpb']:.4f}, "
                      f"run dir {run_dir}")
         _report_rank(layout, f"finished at step {step}")

@@ -1,0 +1,61 @@
+"""`pretrain tune`: the spec is validated against the run config, and a 4-trial PBT search over
+the trainer on 2 CPUs completes, records exploit events and leaves a restorable experiment."""
+import json
+
+import pytest
+import yaml
+
+from pretrain.config import ConfigError
+
+from conftest import ROOT, run_cli
+
+
+def spec_file(tmp_path, dataset, **changes) -> str:
+    spec = yaml.safe_load((ROOT / "configs" / "tune" / "pbt_tiny.yaml").read_text())
+    spec["overrides"] += [f"data.path={dataset}", "model.seq_length=32"]
+    spec.update(changes)
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_the_spec_is_checked_against_the_run_config(tmp_path, dataset):
+    from pretrain.tune import load_spec
+
+    bad_key = [{"key": "optim.learning_rate", "distribution": "uniform", "low": 0.1, "high": 0.2}]
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_spec(spec_file(tmp_path, dataset, search_space=bad_key))
+    reversed_bounds = [{"key": "optim.lr", "distribution": "loguniform", "low": 0.1, "high": 0.01}]
+    with pytest.raises(ConfigError, match="low < high"):
+        load_spec(spec_file(tmp_path, dataset, search_space=reversed_bounds))
+    with pytest.raises(ConfigError, match="unknown config key 'schedulr'"):
+        load_spec(spec_file(tmp_path, dataset, schedulr={}))
+
+
+def test_a_pbt_search_completes_records_exploits_and_restores(tmp_path, dataset):
+    out = tmp_path / "out"
+    config = spec_file(tmp_path, dataset, scheduler={"name": "pbt", "perturbation_interval": 2,
+                                                     "quantile_fraction": 0.25})
+    done = run_cli("-m", "pretrain", "tune", "--config", config, "--out", str(out), "--num-cpus", "2",
+                   timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["trials"]) == 4
+    assert all(t["final_step"] == 50 and t["error"] is None for t in summary["trials"])
+    assert summary["exploits"], "PBT never exploited"
+    for event in summary["exploits"]:   # each from another trial's checkpoint, with new values
+        assert event["cloned_from"] != event["trial"] and set(event["config"]) == {"optim.lr", "optim.weight_decay"}
+        trial_run = out / "trials" / event["trial"] / "run"
+        saved = yaml.safe_load((trial_run / "config.yaml").read_text())
+        assert saved["optim"]["lr"] > 0
+    best = summary["best"]
+    assert best["bpb"] == min(t["final_bpb"] for t in summary["trials"])
+    assert yaml.safe_load((out / "best_config.yaml").read_text())["optim"]["lr"] == pytest.approx(best["config"]["optim.lr"])
+    report = (out / "summary.md").read_text()
+    assert "## Exploit / explore history" in report and (out / "curves.png").stat().st_size > 0
+    again = run_cli("-m", "pretrain", "tune", "--config", config, "--out", str(out), "--num-cpus", "2",
+                    "--resume", timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert len(json.loads((out / "summary.json").read_text())["trials"]) == 4
+    fresh = run_cli("-m", "pretrain", "tune", "--config", config, "--out", str(out), "--num-cpus", "2")
+    assert fresh.returncode == 2 and "pass --resume" in fresh.stderr
