@@ -4,6 +4,7 @@ Slurm and no apt) the tests skip and say why; CI (.ci/run) starts the cluster, s
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -148,24 +149,29 @@ def test_bad_config_job_fails_with_the_error_in_its_log(cluster, dataset, tmp_pa
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-RAY_PROBE = """
-import ray
-ray.init(log_to_driver=False)
-print("alive nodes", sum(n["Alive"] for n in ray.nodes()))
-"""
+def test_ray_cluster_job_runs_a_tune_search_against_every_node(cluster, dataset, tmp_path):
+    """slurm/ray_cluster.sbatch starts Ray on both nodes and runs `pretrain tune` against it
+    (RAY_ADDRESS exported): two FIFO trials finish, then Ray stops everywhere."""
+    import yaml
 
-
-def test_ray_cluster_job_runs_the_command_against_every_node(cluster, tmp_path):
+    spec = yaml.safe_load((ROOT / "configs" / "tune" / "pbt_tiny.yaml").read_text())
+    spec["overrides"] += [f"data.path={dataset}", "train.steps=20", "model.seq_length=32"]
+    spec.update(num_samples=2, cpus_per_trial=1, scheduler={"name": "fifo"})
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "PRETRAIN_PYTHON": sys.executable, "PRETRAIN_LOG_ROOT": str(tmp_path / "logs")}
+    command = [sys.executable, "-m", "pretrain", "tune", "--config", str(tmp_path / "tune.yaml"),
+               "--out", str(tmp_path / "tune")]
     out = subprocess.run(["sbatch", "--parsable", "--job-name=ray", f"--output={tmp_path}/%x-%j.out",
-                          str(ROOT / "slurm" / "ray_cluster.sbatch"), sys.executable, "-c", RAY_PROBE],
+                          str(ROOT / "slurm" / "ray_cluster.sbatch"), *command],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
     batch = (tmp_path / f"ray-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", batch[-3000:]
-    assert "Ray cluster ready: 2/2 nodes" in batch and "alive nodes 2" in batch
+    assert "Ray cluster ready: 2/2 nodes" in batch and "ray: 2 node(s)" in batch
+    summary = json.loads((tmp_path / "tune" / "summary.json").read_text())
+    assert [t["final_step"] for t in summary["trials"]] == [20, 20]
     assert "stopping Ray on 2 node(s)" in batch
     ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
     assert not [p for p in ps.splitlines() if "raylet" in p and not p.startswith("Z")]
