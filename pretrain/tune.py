@@ -22,6 +22,7 @@ from typing import Literal, Optional
 import yaml
 
 from .config import ConfigError, _build, load_config, save_config
+from .layout_search import LayoutSearchSpec
 
 EXPERIMENT = "experiment"
 
@@ -61,13 +62,16 @@ class TuneSpec:
     overrides: list[str] = field(default_factory=list)   # --set style, for every trial
     search_space: list[SearchDim] = field(default_factory=list)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    layout_search: LayoutSearchSpec = field(default_factory=LayoutSearchSpec)  # FIM-Mistral only
     metric: Literal["bpb", "loss"] = "bpb"
     num_samples: int = 4
     cpus_per_trial: float = 1.0
     seed: int = 0                      # sampling of the search space and the schedulers' RNG
 
     def validate(self) -> "TuneSpec":
-        if not self.search_space:
+        if self.layout_search.enabled:
+            self._validate_layout_search()
+        elif not self.search_space:
             raise ConfigError("search_space: list at least one key to tune")
         for i, dim in enumerate(self.search_space):
             dim.validate(f"search_space[{i}] ({dim.key})")
@@ -79,6 +83,59 @@ class TuneSpec:
             for value in probes:
                 trial_config(self, {dim.key: _scalar(value)}, "runs/tune-check")
         return self
+
+
+    def _validate_layout_search(self) -> None:
+        if self.search_space:
+            raise ConfigError("layout_search.enabled: the layout policy is the searcher; leave "
+                              "search_space empty (put fixed keys in overrides)")
+        if self.scheduler.name not in ("fifo", "asha"):
+            raise ConfigError("layout_search.enabled needs scheduler fifo or asha: PBT would copy "
+                              "weights across different layouts")
+        cfg = trial_config(self, {}, "runs/tune-check")
+        if cfg.model.name != "fim_mistral":
+            raise ConfigError(f"layout_search needs a fim_mistral base config, not {cfg.model.name}")
+        default_indices(self, cfg)
+
+
+def default_indices(spec: TuneSpec, cfg) -> list[dict]:
+    """The base config's per-layer FIM settings as indices into the layout search's choices."""
+    from .layout_search import SETTINGS
+
+    out = []
+    for layer in range(cfg.model.num_layers):
+        resolved = cfg.model.fim.for_layer(layer)
+        indices = {}
+        for setting in SETTINGS:
+            choices, value = getattr(spec.layout_search, setting), getattr(resolved, setting)
+            if value not in choices:
+                raise ConfigError(f"layout_search.{setting}={choices} must contain the base config's "
+                                  f"value {value!r} (layer {layer}): the default layout is the first trial")
+            indices[setting] = choices.index(value)
+        out.append(indices)
+    return out
+
+
+def _layout_searcher(spec: TuneSpec):
+    from ray.tune.search import ConcurrencyLimiter
+
+    from model import get_family
+
+    from .layout_search import FimLayoutSearcher
+    from .trainer import dataset_tokenizer, resolve_vocab
+
+    base = trial_config(spec, {}, "runs/tune-check")
+    resolve_vocab(base, dataset_tokenizer(base)["vocab_size"])
+    family = get_family("fim_mistral")
+
+    def flops_of(layout: list[dict]) -> float:
+        cfg = trial_config(spec, {"model.fim.layers": layout}, "runs/tune-check")
+        cfg.model.vocab_size = base.model.vocab_size
+        return family.training_flops_per_token(cfg.model)
+
+    searcher = FimLayoutSearcher(spec.layout_search, base.model.num_layers, default_indices(spec, base),
+                                 flops_of, spec.seed, metric=spec.metric)
+    return searcher, ConcurrencyLimiter(searcher, max_concurrent=spec.layout_search.max_concurrent)
 
 
 def _scalar(value):
@@ -216,19 +273,25 @@ def run(config: str, out: str, address: str | None = None, resume: bool = False,
         else:
             if experiment.exists():
                 raise ConfigError(f"{experiment} exists: pass --resume to continue it, or another --out")
+            layout_searcher, search_alg = None, _seeded_searcher(spec.seed)
+            if spec.layout_search.enabled:
+                layout_searcher, search_alg = _layout_searcher(spec)
             tuner = tune.Tuner(
                 trainable,
-                param_space=_search_space(spec),
+                param_space={} if layout_searcher is not None else _search_space(spec),
                 tune_config=tune.TuneConfig(metric=spec.metric, mode="min", num_samples=spec.num_samples,
-                                            scheduler=_scheduler(spec),
-                                            search_alg=_seeded_searcher(spec.seed)),
+                                            scheduler=_scheduler(spec), search_alg=search_alg),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), verbose=1,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
         grid = tuner.fit()
     finally:
         ray.shutdown()
     from .tune_report import write_summary
-    return write_summary(spec, config, grid, out_dir)
+    layout = None
+    if spec.layout_search.enabled and not resume:
+        layout = {"history": layout_searcher.history,
+                  "policy_choice": layout_searcher.policy.layout(layout_searcher.policy.greedy())}
+    return write_summary(spec, config, grid, out_dir, layout)
 
 
 def _seeded_searcher(seed: int):

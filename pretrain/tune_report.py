@@ -15,7 +15,7 @@ def _history(result) -> list[dict]:
              "loss": float(r.loss)} for r in df.itertuples()]
 
 
-def write_summary(spec, config_path: str, grid, out_dir: Path) -> dict:
+def write_summary(spec, config_path: str, grid, out_dir: Path, layout: dict | None = None) -> dict:
     from .tune import save_best
 
     trials, exploits = [], []
@@ -38,7 +38,8 @@ def write_summary(spec, config_path: str, grid, out_dir: Path) -> dict:
                "num_samples": spec.num_samples, "trials": trials,
                "exploits": sorted(exploits, key=lambda e: (e["at_step"], e["trial"])),
                "best": None if best is None else {"trial": best["trial"], "bpb": best["final_bpb"],
-                                                  "config": best["config"]}}
+                                                  "config": best["config"]},
+               "layout_search": _layout_summary(layout)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if best is not None:
         save_best(spec, best["config"], out_dir / "best_config.yaml")
@@ -70,6 +71,8 @@ def _render(summary: dict) -> str:
         best = "n/a" if t["best_bpb"] is None else f"{t['best_bpb']:.4f}"
         lines.append(f"| {t['trial']} | " + " | ".join(cells) + f" | {t['final_step']} | {bpb} | {best} | {t['error'] or ''} |")
     lines += ["", "![validation bpb per trial](curves.png)", ""]
+    if summary["layout_search"]:
+        lines += _render_layouts(summary["layout_search"])
     if summary["scheduler"] in ("pbt", "pb2"):
         lines += [f"## Exploit / explore history ({len(summary['exploits'])} events)", "",
                   "A trial that restarted from another trial's checkpoint with perturbed values.", "",
@@ -79,6 +82,41 @@ def _render(summary: dict) -> str:
             lines.append(f"| {e['at_step']} | {e['trial']} | {e['cloned_from']} | {values} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _layout_text(layout: list[dict]) -> str:
+    return " / ".join(f"B{l['block_size']} b{l['branching']} k{l['top_k']} {l['branches']}" for l in layout)
+
+
+def _layout_summary(layout: dict | None) -> dict | None:
+    """The default layout's trial against the best-rewarded trained layout."""
+    if not layout or not layout["history"]:
+        return None
+    history = layout["history"]
+    default = next((h for h in history if h["default"]), None)
+    chosen = max(history, key=lambda h: h["reward"])
+    return {"trials": history, "default": default, "chosen": chosen,
+            "policy_choice": layout["policy_choice"]}
+
+
+def _render_layouts(ls: dict) -> list[str]:
+    lines = ["## FIM layout search (REINFORCE over per-layer settings)", "",
+             "Reward: -val bpb - flops_weight x log2(training FLOPs per token / the default's). "
+             "Layers separated by `/`: leaf block B, branching b, routed top-k, branches.", "",
+             "| trial | layout | val bpb | MFLOP/token | reward |", "|---|---|---|---|---|"]
+    for h in ls["trials"]:
+        tag = " (default)" if h["default"] else ""
+        lines.append(f"| {h['trial']}{tag} | {_layout_text(h['layout'])} | {h['bpb']:.4f} | "
+                     f"{h['flops_per_token'] / 1e6:.2f} | {h['reward']:.4f} |")
+    chosen, default = ls["chosen"], ls["default"]
+    lines.append("")
+    if default is not None:
+        lines.append(f"Chosen (highest reward) layout: {_layout_text(chosen['layout'])}, val bpb "
+                     f"{chosen['bpb']:.4f} at {chosen['flops_per_token'] / 1e6:.2f} MFLOP/token, against "
+                     f"the default layout's {default['bpb']:.4f} at {default['flops_per_token'] / 1e6:.2f} "
+                     f"MFLOP/token (bpb {chosen['bpb'] - default['bpb']:+.4f}).")
+    lines += [f"The policy's most likely layout after the search: {_layout_text(ls['policy_choice'])}.", ""]
+    return lines
 
 
 def _plot(trials: list[dict], path: Path) -> None:

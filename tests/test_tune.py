@@ -59,3 +59,35 @@ def test_a_pbt_search_completes_records_exploits_and_restores(tmp_path, dataset)
     assert len(json.loads((out / "summary.json").read_text())["trials"]) == 4
     fresh = run_cli("-m", "pretrain", "tune", "--config", config, "--out", str(out), "--num-cpus", "2")
     assert fresh.returncode == 2 and "pass --resume" in fresh.stderr
+
+
+def test_the_layout_policy_learns_the_rewarded_choice():
+    """REINFORCE over per-layer categoricals: rewarding one block size in layer 0 and one top-k in
+    layer 1 makes those the policy's most likely choices; the others stay near uniform."""
+    from pretrain.layout_search import LayoutPolicy, LayoutSearchSpec
+
+    policy = LayoutPolicy(LayoutSearchSpec(enabled=True, learning_rate=0.3), num_layers=2, seed=0)
+    for _ in range(300):
+        indices = policy.sample()
+        reward = float(indices[0]["block_size"] == 2) + float(indices[1]["top_k"] == 0)
+        policy.update(indices, reward)
+    best = policy.layout(policy.greedy())
+    assert best[0]["block_size"] == 64 and best[1]["top_k"] == 0
+    probs = policy._probs(policy.logits[0]["block_size"])
+    assert probs[2] > 0.8
+
+
+def test_the_layout_search_spec_is_checked(tmp_path, dataset):
+    from pretrain.tune import load_spec
+
+    spec = yaml.safe_load((ROOT / "configs" / "tune" / "fim_layout_tiny.yaml").read_text())
+    spec["layout_search"]["block_size"] = [8, 32]           # the base config's 16 is missing
+    path = tmp_path / "layout.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="must contain the base config's value 16"):
+        load_spec(path)
+    spec = yaml.safe_load((ROOT / "configs" / "tune" / "fim_layout_tiny.yaml").read_text())
+    spec["scheduler"] = {"name": "pbt"}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="needs scheduler fifo or asha"):
+        load_spec(path)
