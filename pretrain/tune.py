@@ -254,6 +254,8 @@ def run(config: str, out: str, address: str | None = None, resume: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address:
+        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+            os.environ["RAY_AUTH_MODE"] = "token"  # the cluster then requires the token from drivers
         ray.init(address=address, include_dashboard=False)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,

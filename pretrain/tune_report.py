@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 
@@ -15,28 +16,48 @@ def _history(result) -> list[dict]:
              "loss": float(r.loss)} for r in df.itertuples()]
 
 
-def write_summary(spec, config_path: str, grid, out_dir: Path, layout: dict | None = None) -> dict:
-    from .tune import save_best
+def _trial_id(result) -> str:
+    """From the trial directory's name: after a PBT exploit Ray copies the cloned trial's last
+    result, trial_id included, into the exploiting trial."""
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
+    return match.group(1) if match else Path(result.path).name
 
-    trials, exploits = [], []
+
+def _ray_exploits(experiment: Path) -> list[dict]:
+    """Ray's own PBT log: [target tag, clone tag, target iteration, clone iteration, old, new]."""
+    log = experiment / "pbt_global.txt"
+    if not log.is_file():
+        return []
+    events = []
+    for line in log.read_text().splitlines():
+        target, clone, target_iter, clone_iter, _, new = json.loads(line)
+        events.append({"trial": target, "cloned_from": clone, "trial_iteration": target_iter,
+                       "clone_iteration": clone_iter, "config": new})
+    return events
+
+
+def write_summary(spec, config_path: str, grid, out_dir: Path, layout: dict | None = None) -> dict:
+    from .tune import EXPERIMENT, save_best
+
+    trials, restarts = [], []
     for result in grid:
-        path = Path(result.path)
-        trial_id = (result.metrics or {}).get("trial_id", path.name)
+        trial_id = _trial_id(result)
+        last = result.metrics or {}
         history = _history(result)
-        trials.append({"trial": trial_id, "dir": str(out_dir / "trials" / str(trial_id)),
-                       "config": result.config,
+        trials.append({"trial": trial_id, "dir": str(out_dir / "trials" / trial_id), "config": result.config,
                        "error": None if result.error is None else str(result.error).splitlines()[0],
-                       "final_bpb": history[-1]["bpb"] if history else None,
-                       "best_bpb": min((h["bpb"] for h in history), default=None),
-                       "final_step": history[-1]["step"] if history else None, "history": history})
-        log = out_dir / "trials" / str(trial_id) / "exploits.jsonl"
+                       # Ray's last result: after exploiting a finished trial, that trial's final one
+                       "final_bpb": last.get("bpb"), "final_step": last.get("step"),
+                       "best_bpb": min((h["bpb"] for h in history), default=None), "history": history})
+        log = out_dir / "trials" / trial_id / "exploits.jsonl"
         if log.is_file():
-            exploits += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            restarts += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     finished = [t for t in trials if t["final_bpb"] is not None]
     best = min(finished, key=lambda t: t["final_bpb"]) if finished else None
     summary = {"config": config_path, "scheduler": spec.scheduler.name, "metric": spec.metric,
                "num_samples": spec.num_samples, "trials": trials,
-               "exploits": sorted(exploits, key=lambda e: (e["at_step"], e["trial"])),
+               "exploits": _ray_exploits(out_dir / EXPERIMENT),
+               "restarts_from_other_trials": sorted(restarts, key=lambda e: (e["at_step"], e["trial"])),
                "best": None if best is None else {"trial": best["trial"], "bpb": best["final_bpb"],
                                                   "config": best["config"]},
                "layout_search": _layout_summary(layout)}
@@ -74,13 +95,16 @@ def _render(summary: dict) -> str:
     if summary["layout_search"]:
         lines += _render_layouts(summary["layout_search"])
     if summary["scheduler"] in ("pbt", "pb2"):
-        lines += [f"## Exploit / explore history ({len(summary['exploits'])} events)", "",
-                  "A trial that restarted from another trial's checkpoint with perturbed values.", "",
-                  "| at step | trial | cloned from | new values |", "|---|---|---|---|"]
+        lines += [f"## Exploit / explore history ({len(summary['exploits'])} events, Ray's PBT log)", "",
+                  "The target trial continues from the cloned trial's checkpoint with perturbed values.", "",
+                  "| trial | at its report | cloned from | at its report | new values |", "|---|---|---|---|---|"]
         for e in summary["exploits"]:
             values = ", ".join(f"`{k}`={_fmt(v)}" for k, v in sorted(e["config"].items()))
-            lines.append(f"| {e['at_step']} | {e['trial']} | {e['cloned_from']} | {values} |")
-        lines.append("")
+            lines.append(f"| {e['trial']} | {e['trial_iteration']} | {e['cloned_from']} | "
+                         f"{e['clone_iteration']} | {values} |")
+        lines += ["", f"{len(summary['restarts_from_other_trials'])} trial restarts resumed another "
+                  "trial's checkpoint (recorded by the trainable; an exploit whose checkpoint Ray had not "
+                  "registered yet restarts the trial from scratch with the new values).", ""]
     return "\n".join(lines)
 
 
