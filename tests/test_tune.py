@@ -34,8 +34,8 @@ def test_the_spec_is_checked_against_the_run_config(tmp_path, dataset):
 
 def test_a_pbt_search_completes_records_exploits_and_restores(tmp_path, dataset):
     out = tmp_path / "out"
-    config = spec_file(tmp_path, dataset, scheduler={"name": "pbt", "perturbation_interval": 2,
-                                                     "quantile_fraction": 0.25})
+    config = spec_file(tmp_path, dataset, scheduler={"name": "pbt", "perturbation_interval": 1,
+                                                     "quantile_fraction": 0.5})
     done = run_cli("-m", "pretrain", "tune", "--config", config, "--out", str(out), "--num-cpus", "2",
                    timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
