@@ -177,9 +177,6 @@ class FractalMambaLM(nn.Module):
 
 
 def build(cfg: ModelConfig, par: ParallelConfig) -> FractalMambaLM:
-    from kernels import dispatch
-
-    dispatch.set_mode(cfg.kernels)  # model.kernels: Triton on CUDA, or the references everywhere
     model = FractalMambaLM(cfg)
     return model.to(torch.bfloat16) if par.dtype == "bf16" else model
 

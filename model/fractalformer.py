@@ -203,9 +203,6 @@ class FractalFormerLM(nn.Module):
 
 
 def build(cfg: ModelConfig, par: ParallelConfig) -> FractalFormerLM:
-    from kernels import dispatch
-
-    dispatch.set_mode(cfg.kernels)  # model.kernels: Triton on CUDA, or the references everywhere
     model = FractalFormerLM(cfg)
     return model.to(torch.bfloat16) if par.dtype == "bf16" else model
 

@@ -187,11 +187,9 @@ class MistralLM(nn.Module):
         from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                                  get_num_layers_to_build)
 
-        from kernels import dispatch
         from kernels.rmsnorm import RMSNorm
 
         _quiet_row_parallel_group()
-        dispatch.set_mode(cfg.kernels)
         staged = parallel_state.model_parallel_is_initialized()
         self.cfg = cfg
         self.init_seed = torch.initial_seed()

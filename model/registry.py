@@ -1,7 +1,7 @@
 """One registry entry per model family: ``model.name`` -> builder and closed-form size."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from torch import nn
@@ -62,4 +62,17 @@ def names() -> list[str]:
 def get_family(name: str) -> ModelFamily:
     if name not in _FAMILIES:
         raise ConfigError(f"model.name={name!r} is not registered (allowed: {', '.join(names())})")
-    return _FAMILIES[name]()
+    family = _FAMILIES[name]()
+    return replace(family, build=_in_kernel_mode(family.build))
+
+
+def _in_kernel_mode(build: Callable[[ModelConfig, ParallelConfig], nn.Module]):
+    """Every family's build first sets ``model.kernels`` as the process's dispatch mode (Triton
+    on CUDA, or the torch references everywhere): one place, whatever the family."""
+    def build_in_kernel_mode(cfg: ModelConfig, par: ParallelConfig) -> nn.Module:
+        from kernels import dispatch
+
+        dispatch.set_mode(cfg.kernels)
+        return build(cfg, par)
+
+    return build_in_kernel_mode

@@ -187,6 +187,23 @@ def test_dispatch_uses_references_on_cpu_and_when_forced():
         dispatch.set_mode("fast")
 
 
+def test_every_family_build_applies_model_kernels_as_the_dispatch_mode():
+    from model import get_family
+    from pretrain.config import load_config
+
+    try:
+        for mode in ("reference", "auto"):
+            cfg = load_config(None, ["model.name=fractalformer", "model.num_layers=1", "model.hidden_size=32",
+                                     "model.num_attention_heads=2", "model.num_query_groups=1",
+                                     "model.ffn_hidden_size=64", "model.vocab_size=16",
+                                     f"model.kernels={mode}"])
+            dispatch.set_mode("triton")
+            get_family("fractalformer").build(cfg.model, cfg.parallel)
+            assert dispatch.mode() == mode
+    finally:
+        dispatch.set_mode("auto")
+
+
 def _angles(seq: int, rot_dim: int) -> torch.Tensor:
     """megatron's RoPE angle table ``[s, 1, 1, rot_dim]``: cat((f, f))."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
