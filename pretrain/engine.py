@@ -133,6 +133,13 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, layout: Layout,
     return engine
 
 
+def set_lr_from_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Each group's LR = its base LR x the schedule at the current step, now (LambdaLR itself
+    recomputes only at its next step): after a change of base LR or of the schedule's scale."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
 
 def reapply_optimizer_settings(cfg: RunConfig, engine, controller=None) -> None:
     """After loading a checkpoint, the config's optimizer settings win over the saved ones: a run
@@ -143,10 +150,10 @@ def reapply_optimizer_settings(cfg: RunConfig, engine, controller=None) -> None:
     o, scheduler = cfg.optim, engine.lr_scheduler
     optimizer = scheduler.optimizer
     scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    set_lr_from_schedule(scheduler)
     beta1 = controller.momentum if controller is not None else o.beta1
-    for index, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas)):
+    for index, group in enumerate(optimizer.param_groups):
         group["initial_lr"] = o.lr
-        group["lr"] = o.lr * factor(scheduler.last_epoch)
         group["betas"], group["eps"] = (beta1, o.beta2), o.eps
         if index == 0:  # param_groups(): the decayed matrices first, then the vectors (no decay)
             group["weight_decay"] = o.weight_decay

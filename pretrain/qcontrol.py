@@ -96,9 +96,10 @@ class QController:
     def apply(self, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
         """Set the momentum on every parameter group of the scheduler's optimizer, and its LR at
         once (the schedule multiplies ``lr_scale`` in; it would otherwise apply a step later)."""
-        optimizer = scheduler.optimizer
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
+        from .engine import set_lr_from_schedule
+
+        set_lr_from_schedule(scheduler)
+        for group in scheduler.optimizer.param_groups:
             if "betas" in group:
                 group["betas"] = (self.momentum, group["betas"][1])
             elif "momentum" in group:
