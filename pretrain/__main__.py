@@ -115,6 +115,18 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=20, help="timed steps, median (default 20)")
     t.add_argument("--profile-steps", type=int, default=5,
                    help="extra profiled steps of ours for the phase breakdown (default 5)")
+    q = what.add_parser("control", help="LR control: warmup-cosine schedule vs the Q-learning controller "
+                        "vs PBT, equal tokens per model, several seeds -> report.md",
+                        description="Trains the base run of a PBT tune config three ways per seed: the "
+                        "fixed schedule, the same with optim.qcontrol enabled, and a PBT search (best "
+                        "model of the population). Scores every final model on validation batches past "
+                        "those PBT selected on. Finished runs are reused; interrupted ones resume.")
+    q.add_argument("--config", required=True, help="PBT tune YAML, e.g. configs/tune/control_tiny.yaml")
+    q.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    q.add_argument("--out", required=True, help="report directory, e.g. reports/NAME")
+    q.add_argument("--runs-dir", default="runs/control", help="where the single runs live (default runs/control)")
+    q.add_argument("--heldout-batches", type=int, default=32,
+                   help="validation batches scored after the selection batches (default 32)")
     c = what.add_parser("compare", help="baseline vs variants at equal data and budget -> report.md",
                         description="Trains the baseline and every variant config for --tokens "
                                     "tokens with seeds 0..S-1 (same data order per seed; finished "
@@ -271,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             results = compare.run(args.baseline, args.variant, args.seeds, args.tokens, args.out,
                                   args.overrides, args.runs_dir, args.contexts, args.attention_max_n,
                                   tuple(args.attention_fit), command)
+            print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
+            return 0
+        if args.verb == "bench" and args.what == "control":
+            import shlex
+
+            from .bench import control
+            command = shlex.join(["python", "-m", "pretrain", *(argv if argv is not None else sys.argv[1:])])
+            results = control.run(args.config, args.seeds, args.out, args.runs_dir, args.heldout_batches, command)
             print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
             return 0
         if args.verb == "bench" and args.what == "kernels":

@@ -35,6 +35,7 @@ class LayoutSearchSpec:
     learning_rate: float = 0.5         # policy-gradient step on the logits
     flops_weight: float = 0.1          # bpb traded per doubling of training FLOPs per token
     max_concurrent: int = 2            # trials in flight: the policy learns between batches
+    confirm_seeds: int = 0             # after the search: retrain chosen and default with N new seeds
 
 
 class LayoutPolicy:
@@ -118,3 +119,32 @@ class FimLayoutSearcher(Searcher):
             state = pickle.load(f)
         self.policy.__dict__.update(state["policy"])
         self.history = state["history"]
+
+
+def confirm(spec, layouts: dict[str, list[dict]], out_dir, seeds: int) -> dict:
+    """Retrain each named layout with ``seeds`` training seeds the search did not use (the
+    search's seed + 1..N; same batches for every layout of a seed): one search trial per layout
+    cannot tell a better layout from a lucky run."""
+    from pathlib import Path
+
+    from .bench import stats
+    from .bench.compare import train_run
+    from .metrics import read_metrics
+    from .tune import trial_config
+
+    base_seed = trial_config(spec, {}, "unset").train.seed
+    result = {"seeds": [base_seed + k for k in range(1, seeds + 1)], "layouts": {}}
+    for name, layout in layouts.items():
+        bpbs = []
+        for seed in result["seeds"]:
+            run_dir = Path(out_dir) / "confirm" / f"{name}-seed{seed}"
+            cfg = trial_config(spec, {"model.fim.layers": layout, "train.seed": seed}, str(run_dir))
+            cfg.train.checkpoint_every = 0
+            print(f"--- confirming the {name} layout, seed {seed}", flush=True)
+            train_run(cfg, run_dir)
+            bpbs.append([r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "val"][-1]["bpb"])
+        result["layouts"][name] = {"layout": layout, "bpb": stats.summarize(bpbs)}
+    if {"chosen", "default"} <= set(result["layouts"]):
+        result["welch"] = stats.welch(result["layouts"]["chosen"]["bpb"]["values"],
+                                      result["layouts"]["default"]["bpb"]["values"])
+    return result

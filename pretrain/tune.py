@@ -293,6 +293,13 @@ def run(config: str, out: str, address: str | None = None, resume: bool = False,
     if spec.layout_search.enabled and not resume:
         layout = {"history": layout_searcher.history,
                   "policy_choice": layout_searcher.policy.layout(layout_searcher.policy.greedy())}
+        history = layout_searcher.history
+        default = next((h for h in history if h["default"]), None)
+        if spec.layout_search.confirm_seeds > 0 and history and default is not None:
+            from .layout_search import confirm
+            chosen = max(history, key=lambda h: h["reward"])
+            layout["confirmation"] = confirm(spec, {"chosen": chosen["layout"], "default": default["layout"]},
+                                             out_dir, spec.layout_search.confirm_seeds)
     return write_summary(spec, config, grid, out_dir, layout)
 
 

@@ -19,8 +19,9 @@ def _history(result) -> list[dict]:
 def _trial_id(result) -> str:
     """From the trial directory's name: after a PBT exploit Ray copies the cloned trial's last
     result, trial_id included, into the exploiting trial."""
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
-    return match.group(1) if match else Path(result.path).name
+    name = Path(result.path).name
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", name) or re.match(r"run_trial_([0-9a-f]{8})_", name)
+    return match.group(1) if match else name
 
 
 def _ray_exploits(experiment: Path) -> list[dict]:
@@ -120,7 +121,7 @@ def _layout_summary(layout: dict | None) -> dict | None:
     default = next((h for h in history if h["default"]), None)
     chosen = max(history, key=lambda h: h["reward"])
     return {"trials": history, "default": default, "chosen": chosen,
-            "policy_choice": layout["policy_choice"]}
+            "policy_choice": layout["policy_choice"], "confirmation": layout.get("confirmation")}
 
 
 def _render_layouts(ls: dict) -> list[str]:
@@ -140,6 +141,20 @@ def _render_layouts(ls: dict) -> list[str]:
                      f"the default layout's {default['bpb']:.4f} at {default['flops_per_token'] / 1e6:.2f} "
                      f"MFLOP/token (bpb {chosen['bpb'] - default['bpb']:+.4f}).")
     lines += [f"The policy's most likely layout after the search: {_layout_text(ls['policy_choice'])}.", ""]
+    conf = ls.get("confirmation")
+    if conf:
+        lines += [f"### Confirmation: chosen vs default layout, retrained with seeds {conf['seeds']}", "",
+                  "| layout | val bpb (mean ± std) | per seed |", "|---|---|---|"]
+        for name, entry in conf["layouts"].items():
+            b = entry["bpb"]
+            lines.append(f"| {name}: {_layout_text(entry['layout'])} | {b['mean']:.4f} ± {b['std']:.4f} | "
+                         + ", ".join(f"{v:.4f}" for v in b["values"]) + " |")
+        if "welch" in conf:
+            diff = conf["layouts"]["chosen"]["bpb"]["mean"] - conf["layouts"]["default"]["bpb"]["mean"]
+            p = conf["welch"]["p"]
+            lines += ["", f"Chosen minus default: {diff:+.4f} bpb (Welch p = "
+                      f"{'n/a' if p is None else f'{p:.3f}'})."]
+        lines.append("")
     return lines
 
 

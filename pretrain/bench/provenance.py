@@ -26,5 +26,10 @@ def hardware() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def describe(hw: dict) -> str:
+    """One line for a report: where the numbers were measured."""
+    return f"{hw['processor']}, {hw['cpus']} CPUs, GPU {hw['gpu'] or 'none'}, torch {hw['torch']}"
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

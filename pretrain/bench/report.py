@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .provenance import describe
+
 
 def _pm(summary: dict, fmt: str) -> str:
     return f"{summary['mean']:{fmt}} ± {summary['std']:{fmt}}"
@@ -83,8 +85,7 @@ def render(results: dict) -> str:
     lines = [f"# Baseline vs variants: {', '.join(results['variants']) or '(none)'} against {base}", "",
              "## Setup", "",
              f"- Command: `{results['command']}`",
-             f"- Commit `{results['commit']}`, {results['date']}; hardware: {hw['processor']}, "
-             f"{hw['cpus']} CPUs, GPU {hw['gpu'] or 'none'}, torch {hw['torch']}",
+             f"- Commit `{results['commit']}`, {results['date']}; hardware: {describe(hw)}",
              f"- Budget: {results['tokens']:,} training tokens per run requested (whole steps: trained "
              "tokens below), "
              f"{results['seeds']} seeds per arm; "
