@@ -49,10 +49,17 @@ def _fractalformer() -> ModelFamily:
                        tensor_parallel=False, pipeline_parallel=False)
 
 
+def _him() -> ModelFamily:
+    from . import him
+    return ModelFamily(him.build, him.parameter_count, him.training_flops_per_token,
+                       "HIM (working memory, reasoning buffer, fast/slow FFN paths)",
+                       tensor_parallel=False, pipeline_parallel=False)
+
+
 # Lazy factories keep `import model` cheap (megatron-core imports take seconds).
 _FAMILIES: dict[str, Callable[[], ModelFamily]] = {
     "mistral": _mistral, "fim_mistral": _fim_mistral, "fractal_mamba": _fractal_mamba,
-    "fractalformer": _fractalformer}
+    "fractalformer": _fractalformer, "him": _him}
 
 
 def names() -> list[str]:

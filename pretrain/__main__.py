@@ -127,6 +127,18 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--runs-dir", default="runs/control", help="where the single runs live (default runs/control)")
     q.add_argument("--heldout-batches", type=int, default=32,
                    help="validation batches scored after the selection batches (default 32)")
+    g = what.add_parser("generate", help="CPU generation tokens/s and peak RSS, float vs int8",
+                        description="Greedy generation in a child process per mode (float, int8 dynamic "
+                        "quantization), from a checkpoint or from a config with random weights.")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help=CKPT_HELP + ", or an export/compress directory")
+    source.add_argument("--config", help="run config YAML built with random weights (needs model.vocab_size)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a --config key (repeatable)")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
+    g.add_argument("--new-tokens", type=int, default=256, help="generated tokens (default 256)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     c = what.add_parser("compare", help="baseline vs variants at equal data and budget -> report.md",
                         description="Trains the baseline and every variant config for --tokens "
                                     "tokens with seeds 0..S-1 (same data order per seed; finished "
@@ -136,7 +148,9 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                                     "variant against the baseline (Welch) and the FIM design "
                                     "claims, and writes OUT/report.md, OUT/results.json and plots.")
     c.add_argument("--baseline", required=True, help="baseline config YAML")
-    c.add_argument("--variant", action="append", required=True, help="variant config YAML (repeatable)")
+    c.add_argument("--variant", action="append", required=True,
+                   help="variant config YAML (repeatable); PATH:KEY=VALUE[,KEY=VALUE] adds overrides to "
+                   "this arm only (an ablation)")
     c.add_argument("--seeds", type=int, default=2, help="seeds per arm (default 2)")
     c.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per run (default 1M)")
     c.add_argument("--out", required=True, help="report directory, e.g. reports/NAME")
@@ -191,6 +205,24 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: smallest set with this probability mass (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 dynamic quantization of the linear layers (CPU inference)")
+    return p
+
+
+def _compress_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("compress", help="magnitude pruning + fine-tuning, int8 check -> a model generate loads",
+                       description="Global magnitude pruning of the torch.nn.Linear weights, fine-tuning "
+                       "of the rest on the run's training split (one process), then the masks are made "
+                       "permanent. Writes OUT/model.safetensors, config.yaml and compress.json (val bpb "
+                       "trained / pruned / fine-tuned / int8). `generate --ckpt OUT --int8` runs it quantized.")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--prune", type=float, default=0.2, help="fraction of linear weights pruned (default 0.2)")
+    p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps after pruning (default 100)")
+    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning AdamW learning rate (default 3e-4)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per bpb (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning data order and RNG (default 0)")
     return p
 
 
@@ -258,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     _inspect_parser(sub)
     _tune_parser(sub)
+    _compress_parser(sub)
     args = parser.parse_args(argv)
     if args.verb == "generate" and args.prompt is None and not args.interactive:
         parser.error("generate needs --prompt TEXT and/or --interactive")
@@ -293,6 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             results = control.run(args.config, args.seeds, args.out, args.runs_dir, args.heldout_batches, command)
             print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
             return 0
+        if args.verb == "bench" and args.what == "generate":
+            import shlex
+
+            from .bench import generate as bench_generate
+            command = shlex.join(["python", "-m", "pretrain", *(argv if argv is not None else sys.argv[1:])])
+            bench_generate.run(args.ckpt, args.config, args.overrides, args.out, args.prompt_tokens,
+                               args.new_tokens, args.threads, command)
+            print(f"report: {Path(args.out) / 'report.md'}")
+            return 0
         if args.verb == "bench" and args.what == "kernels":
             from .bench import kernels as bench_kernels
             bench_kernels.run(args.out, args.repeats, args.ops)
@@ -318,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             best = summary["best"]
             print(f"summary: {Path(args.out) / 'summary.md'}; best val bpb "
                   f"{'n/a' if best is None else format(best['bpb'], '.4f')}")
+            return 0
+        if args.verb == "compress":
+            from .compress import run as compress_run
+            compress_run(args.ckpt, args.out, args.prune, args.finetune_steps, args.lr, args.eval_batches, args.seed)
+            print(f"wrote {Path(args.out) / 'model.safetensors'} and compress.json")
             return 0
         if args.verb == "inspect-attention":
             from .inspect_attention import main as inspect_main

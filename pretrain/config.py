@@ -129,6 +129,34 @@ class FractalFormerConfig:
 
 
 @dataclass
+class HimConfig:
+    """model.name=him (model/him.py). Memory and reasoning buffer advance once per ``chunk_size``
+    tokens, so a token only sees states built from earlier chunks (causal)."""
+    cognitive: bool = True             # False: the ablation (no gate, memory or reasoning buffer)
+    memory_slots: int = 16
+    memory_rank: int = 16              # low-rank read/write projections
+    reasoning_tokens: int = 64
+    reasoning_every: int = 3           # refine the shared buffer after every 3rd layer
+    reasoning_momentum: float = 0.9    # moving average: buffer = m x buffer + (1 - m) x refined
+    chunk_size: int = 64
+    decoder_tokens: int = 64           # learned tokens every position cross-attends to before the head
+    memory_sparsity_weight: float = 0.01
+    reasoning_diversity_weight: float = 0.01
+    routing_balance_weight: float = 0.01
+
+    def validate(self) -> None:
+        for key in ("memory_slots", "memory_rank", "reasoning_tokens", "reasoning_every", "chunk_size",
+                    "decoder_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.him.{key}={getattr(self, key)} must be >= 1")
+        if not 0 <= self.reasoning_momentum < 1:
+            raise ConfigError(f"model.him.reasoning_momentum={self.reasoning_momentum} must be in [0, 1)")
+        for key in ("memory_sparsity_weight", "reasoning_diversity_weight", "routing_balance_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.him.{key} must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     name: str = "mistral"
     num_layers: int = 4
@@ -150,9 +178,11 @@ class ModelConfig:
     fim: FimConfig = field(default_factory=FimConfig)  # used by model.name=fim_mistral
     fractal_mamba: FractalMambaConfig = field(default_factory=FractalMambaConfig)
     fractalformer: FractalFormerConfig = field(default_factory=FractalFormerConfig)
+    him: HimConfig = field(default_factory=HimConfig)
 
     def validate(self) -> None:
         self.fim.validate(self.num_layers)
+        self.him.validate()
         self.fractal_mamba.validate()
         if self.name == "fractalformer":
             self.fractalformer.validate(self)
@@ -248,6 +278,12 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0             # 0 disables clipping
+    name: Literal["adamw", "lion"] = "adamw"   # lion: lion-pytorch (beta1, beta2 as its betas)
+    schedule: Literal["cosine", "onecycle"] = "cosine"  # onecycle: pct_start/div factors below, no warmup_steps/min_lr
+    onecycle_pct_start: float = 0.1
+    onecycle_div_factor: float = 25.0          # start at lr / 25
+    onecycle_final_div_factor: float = 1000.0  # end at lr / 25 / 1000
+    param_groups: Literal["standard", "multispeed"] = "standard"  # multispeed: the model's speed groups
     qcontrol: QControlConfig = field(default_factory=QControlConfig)
 
     def validate(self) -> None:
@@ -256,13 +292,15 @@ class OptimConfig:
         if q.enabled and not q.momentum_min <= self.beta1 <= q.momentum_max:
             raise ConfigError(f"optim.beta1={self.beta1} must lie within optim.qcontrol's momentum "
                               f"bounds [{self.qcontrol.momentum_min}, {self.qcontrol.momentum_max}]")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+        if not (self.lr > 0 and 0 <= self.min_lr and (self.min_lr <= self.lr or self.schedule == "onecycle")):
             raise ConfigError("optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps, optim.weight_decay, optim.grad_clip must be >= 0")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"optim.{key}={getattr(self, key)} must be in [0, 1)")
+        if not 0 < self.onecycle_pct_start < 1 or self.onecycle_div_factor < 1 or self.onecycle_final_div_factor < 1:
+            raise ConfigError("optim.onecycle_pct_start must be in (0, 1) and the div factors >= 1")
 
 
 @dataclass
@@ -315,12 +353,12 @@ class RunConfig:
         if self.model.name == "fim_mistral" and self.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel=true is not supported by fim_mistral yet (its "
                               "position embedding is added to the unsplit sequence); leave it false")
-        if self.model.name in ("fractal_mamba", "fractalformer") and self.data.mask_documents:
+        if self.model.name in ("fractal_mamba", "fractalformer", "him") and self.data.mask_documents:
             raise ConfigError(f"data.mask_documents=true is not supported by {self.model.name} (its "
                               "sequence mixing has no document boundaries); leave it false")
-        if self.model.name == "fractalformer" and self.model.sliding_window:
-            raise ConfigError("model.sliding_window is not supported by fractalformer (full causal "
-                              "attention at every level); set it to 0")
+        if self.model.name in ("fractalformer", "him") and self.model.sliding_window:
+            raise ConfigError(f"model.sliding_window is not supported by {self.model.name} (full causal "
+                              "attention); set it to 0")
         if self.model.name == "fim_mistral" and self.data.mask_documents:
             raise ConfigError("data.mask_documents=true is not supported by fim_mistral: its summaries "
                               "and routed blocks would need per-document bounds; leave it false")

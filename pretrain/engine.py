@@ -1,4 +1,5 @@
-"""DeepSpeed engine: ZeRO stage from the config, AdamW, warmup + cosine, gradient clipping."""
+"""DeepSpeed engine: ZeRO stage from the config, AdamW or Lion, warmup + cosine or one-cycle LR,
+gradient clipping."""
 from __future__ import annotations
 
 import math
@@ -12,24 +13,38 @@ from .parallel import Layout, MegatronMpu
 
 
 def lr_lambda(cfg: RunConfig, scale: Callable[[], float] | None = None):
-    """Multiplier of optim.lr at a step: linear warmup, then cosine down to optim.min_lr; times
-    ``scale()`` when given (the Q-learning controller's LR factor)."""
+    """Multiplier of optim.lr at a step, times ``scale()`` when given (the Q-learning controller's
+    LR factor). cosine: linear warmup, then cosine down to optim.min_lr. onecycle (torch's
+    OneCycleLR shape): cosine up from lr/div_factor over the first pct_start of the steps, then
+    cosine down to lr/div_factor/final_div_factor."""
     o, total = cfg.optim, cfg.train.steps
     floor = o.min_lr / o.lr
 
-    def factor(step: int) -> float:
+    def cosine(step: int) -> float:
         if o.warmup_steps and step < o.warmup_steps:
-            f = (step + 1) / o.warmup_steps
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def onecycle(step: int) -> float:
+        start, end = 1 / o.onecycle_div_factor, 1 / (o.onecycle_div_factor * o.onecycle_final_div_factor)
+        peak = max(1, round(o.onecycle_pct_start * total))
+        if step < peak:
+            low, high, progress = start, 1.0, step / peak
         else:
-            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-            f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return f * scale() if scale is not None else f
+            low, high, progress = end, 1.0, 1 - min(1.0, (step - peak) / max(1, total - peak))
+        return low + (high - low) * 0.5 * (1 - math.cos(math.pi * progress))
+
+    shape = onecycle if o.schedule == "onecycle" else cosine
+
+    def factor(step: int) -> float:
+        return shape(step) * scale() if scale is not None else shape(step)
 
     return factor
 
 
-class SkippingAdamW(torch.optim.AdamW):
-    """The ZeRO-0 optimizer: AdamW that computes the global gradient norm itself, clips by it,
+class Skipping:
+    """Mixed into the ZeRO-0 optimizers: computes the global gradient norm itself, clips by it,
     and skips an update whose gradients are not all finite.
 
     A skip is reported through ``overflow`` and the norm through ``_global_grad_norm``, the
@@ -72,26 +87,59 @@ class SkippingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases and other vectors alone (standard practice)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+class SkippingAdamW(Skipping, torch.optim.AdamW):
+    pass
+
+
+def _lion():
+    from lion_pytorch import Lion
+
+    class SkippingLion(Skipping, Lion):
+        pass
+
+    return Lion, SkippingLion
+
+
+# The HIM design's learning-rate groups (optim.param_groups=multispeed): factors of optim.lr.
+SPEED_FACTORS = {"slow": 0.3, "fast": 1.5, "cognitive": 0.5, "standard": 1.0}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, speeds: bool = False) -> list[dict]:
+    """Decay matrices; leave norms, biases and other vectors alone (standard practice). With
+    ``speeds`` one pair of groups per speed of ``model.speed_groups()``; every group carries
+    its ``lr_factor`` (of optim.lr) and whether it ``decays``."""
+    if speeds and not hasattr(model, "speed_groups"):
+        raise ValueError(f"optim.param_groups=multispeed: {type(model).__name__} defines no speed groups")
+    speed_of = model.speed_groups() if speeds else {}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((speed_of.get(name, "standard"), p.dim() >= 2), []).append(p)
+    order = sorted(groups, key=lambda key: (list(SPEED_FACTORS).index(key[0]), not key[1]))
+    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "decays": key[1],
+             "lr_factor": SPEED_FACTORS[key[0]], "speed": key[0]} for key in order]
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW with the fused (single-kernel, CPU and CUDA) implementation: the same update as the
-    per-parameter loop, several times faster on many small tensors. bench train gives the
-    transformers reference this same optimizer."""
+    per-parameter loop, several times faster on many small tensors (bench train gives the
+    transformers reference this same optimizer); or Lion (lion-pytorch). ZeRO-0 gets the
+    skipping/clipping subclass."""
     o = cfg.optim
+    groups = param_groups(model, o.weight_decay, speeds=o.param_groups == "multispeed")
+    for group in groups:
+        group["lr"] = o.lr * group["lr_factor"]
+    clip_here = o.grad_clip if cfg.parallel.dtype == "fp32" else 0.0  # bf16: DeepSpeed's wrapper clips
+    if o.name == "lion":
+        lion, skipping_lion = _lion()
+        kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2))
+        if cfg.parallel.zero_stage > 0:
+            return lion(groups, **kwargs)
+        return skipping_lion(groups, max_grad_norm=clip_here, **kwargs)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     if cfg.parallel.zero_stage > 0:
-        return torch.optim.AdamW(param_groups(model, o.weight_decay), **kwargs)
-    clip_here = o.grad_clip if cfg.parallel.dtype == "fp32" else 0.0  # bf16: DeepSpeed's wrapper clips
-    return SkippingAdamW(param_groups(model, o.weight_decay), max_grad_norm=clip_here, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs)
+    return SkippingAdamW(groups, max_grad_norm=clip_here, **kwargs)
 
 
 def deepspeed_config(cfg: RunConfig, layout: Layout) -> dict:
@@ -149,11 +197,13 @@ def reapply_optimizer_settings(cfg: RunConfig, engine, controller=None) -> None:
     Q-learning controller's momentum where one runs."""
     o, scheduler = cfg.optim, engine.lr_scheduler
     optimizer = scheduler.optimizer
-    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    scheduler.base_lrs = [o.lr * group.get("lr_factor", 1.0) for group in optimizer.param_groups]
     set_lr_from_schedule(scheduler)
     beta1 = controller.momentum if controller is not None else o.beta1
-    for index, group in enumerate(optimizer.param_groups):
-        group["initial_lr"] = o.lr
-        group["betas"], group["eps"] = (beta1, o.beta2), o.eps
-        if index == 0:  # param_groups(): the decayed matrices first, then the vectors (no decay)
+    for index, (group, base) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs)):
+        group["initial_lr"] = base
+        group["betas"] = (beta1, o.beta2)
+        if "eps" in group:  # AdamW (Lion has none)
+            group["eps"] = o.eps
+        if group.get("decays", index == 0):  # checkpoints before "decays": matrices first, then vectors
             group["weight_decay"] = o.weight_decay

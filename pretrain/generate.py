@@ -39,15 +39,28 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
+def load_state(ckpt: str) -> tuple:
+    """(run config, whole-model state dict) from a training checkpoint of any layout, or from a
+    directory written by `export` / `compress` (model.safetensors + config.yaml)."""
+    exported = Path(ckpt) / "model.safetensors"
+    if exported.is_file():
+        from safetensors.torch import load_file
+
+        return load_config(Path(ckpt) / "config.yaml"), load_file(str(exported))
+    ckpt_dir, tag = locate(ckpt)
+    cfg = load_config(ckpt_dir / tag / "config.yaml")
+    return cfg, consolidate(ckpt_dir, tag, cfg)
+
+
 class Generator:
-    def __init__(self, ckpt: str):
+    """``int8``: dynamic int8 quantization of the linear layers after loading (CPU inference)."""
+
+    def __init__(self, ckpt: str, int8: bool = False):
         from model import get_family
 
         from . import parallel
 
-        ckpt_dir, tag = locate(ckpt)
-        self.cfg = load_config(ckpt_dir / tag / "config.yaml")
-        state = consolidate(ckpt_dir, tag, self.cfg)
+        self.cfg, state = load_state(ckpt)
         # One process holds the whole model: no model parallelism, nothing to recompute.
         self.cfg.parallel.tp, self.cfg.parallel.pp, self.cfg.parallel.zero_stage = 1, 1, 0
         self.cfg.parallel.sequence_parallel = self.cfg.parallel.recompute = False
@@ -58,6 +71,9 @@ class Generator:
         own = set(self.model.state_dict())  # export strips the "gpt." prefix of megatron's part
         self.model.load_state_dict({k if k in own else "gpt." + k: v for k, v in state.items()})
         self.model.eval()
+        if int8:
+            from .compress import quantize_int8
+            self.model = quantize_int8(self.model)
 
     def _next_logits(self, ids: list[int]) -> Iterator[torch.Tensor]:
         """Next-token logits after ``ids``, again each time the caller has appended a token.
@@ -104,7 +120,7 @@ class Generator:
 
 
 def main(args) -> int:
-    generator = Generator(args.ckpt)
+    generator = Generator(args.ckpt, int8=args.int8)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompts = [args.prompt] if args.prompt is not None else []

@@ -175,3 +175,48 @@ def test_rerunning_a_comparison_reuses_finished_runs(dataset, tmp_path):
     assert "--- training" not in again.stdout
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [r["reused"] for a in results["arms"].values() for r in a["runs"]] == [True, True]
+
+
+def test_an_arm_can_be_a_config_plus_overrides():
+    from pretrain.bench.compare import split_arm
+
+    assert split_arm("configs/him_tiny.yaml") == ("configs/him_tiny.yaml", [])
+    assert split_arm("configs/him_tiny.yaml:model.him.cognitive=false,optim.lr=0.001") == (
+        "configs/him_tiny.yaml", ["model.him.cognitive=false", "optim.lr=0.001"])
+
+
+def test_the_lr_control_report_states_direction_significance_and_pbts_compute(tmp_path):
+    """bench control's report from fabricated results: every arm's held-out mean ± std, the
+    verdict's direction and Welch p from the numbers, PBT's total tokens = population x tokens."""
+    from pretrain.bench.control_report import write_report
+
+    def run(heldout, val, decisions=()):
+        return {"heldout_bpb": heldout, "val_bpb": val, "curve": [{"step": 0, "bpb": 8.0}, {"step": 10, "bpb": val}],
+                "qcontrol": list(decisions), "best_config": {"optim.lr": 0.002}, "exploits": 3}
+
+    decision = {"step": 10, "lr_scale": 1.4, "momentum": 0.9, "action": 2, "explored": True, "reward": 0.1}
+    values = {"schedule": [3.00, 3.02, 3.01], "qcontrol": [2.90, 2.91, 2.92], "pbt": [3.01, 2.99, 3.03]}
+    arms = {}
+    for name, held in values.items():
+        runs = [run(h, h - 0.1, [decision] if name == "qcontrol" else []) for h in held]
+        arms[name] = {"runs": runs, "heldout_bpb": stats.summarize(held),
+                      "val_bpb": stats.summarize([h - 0.1 for h in held])}
+    for name in ("qcontrol", "pbt"):
+        arms[name]["welch_heldout"] = stats.welch(values[name], values["schedule"])
+    results = {"command": "python -m pretrain bench control ...", "commit": "abc", "date": "today",
+               "hardware": {"processor": "cpu", "cpus": 2, "gpu": None, "torch": "2"}, "tune_config": "t.yaml",
+               "model": "mistral", "seeds": 3, "steps": 300, "tokens_per_model": 307200, "pbt_population": 4,
+               "pbt_interval": 2, "selection_batches": 8, "heldout_batches": 32, "lr": 3e-3, "min_lr": 3e-4,
+               "warmup_steps": 30, "qcontrol": {"lr_scale_min": 0.1, "lr_scale_max": 4.0, "momentum_min": 0.8,
+                                                "momentum_max": 0.99, "every": 10, "epsilon": 0.3, "epsilon_decay": 0.97},
+               "search_space": [{"key": "optim.lr", "distribution": "loguniform", "low": 3e-4, "high": 1e-2}],
+               "arms": arms, "total_minutes": 1.0}
+    write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| Q-learning controller | 2.9100 ± 0.0100 |" in report
+    q_p = arms["qcontrol"]["welch_heldout"]["p"]
+    assert f"Q-learning controller: held-out bpb 0.1000 lower (better) than the schedule" in report
+    assert f"Welch p = {q_p:.3f}, significant at 0.05" in report
+    assert "PBT (best of population): held-out bpb 0.0000 different (equal means)" in report
+    assert "| 1,228,800 |" in report                 # PBT: 4 x 307,200 tokens
+    assert (tmp_path / "curves.png").is_file()

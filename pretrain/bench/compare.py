@@ -33,9 +33,17 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def arm_config(path: str, overrides: list[str], seed: int, tokens: int, runs_dir: Path,
+def split_arm(arm: str) -> tuple[str, list[str]]:
+    """``PATH`` or ``PATH:KEY=VALUE[,KEY=VALUE...]`` (an arm that is a config plus overrides,
+    e.g. an ablation) -> (path, overrides)."""
+    path, _, sets = arm.partition(":")
+    return path, [s for s in sets.split(",") if s]
+
+
+def arm_config(arm: str, overrides: list[str], seed: int, tokens: int, runs_dir: Path,
                evals: int = 4) -> tuple[RunConfig, Path]:
-    cfg = load_config(path, [*overrides, f"train.seed={seed}"])
+    path, arm_sets = split_arm(arm)
+    cfg = load_config(path, [*overrides, *arm_sets, f"train.seed={seed}"])
     t = cfg.train
     per_step = t.micro_batch_size * t.grad_accum * cfg.model.seq_length
     t.steps = max(1, round(tokens / per_step))
@@ -154,7 +162,10 @@ def run(baseline: str, variants: list[str], seeds: int, tokens: int, out: str, o
             cfg, run_dir = arm_config(path, overrides, seed, tokens, runs_root)
             reused = train_run(cfg, run_dir)
             runs.append(run_summary(cfg, run_dir, reused, contexts))
-        name = cfg.model.name if cfg.model.name not in arms else Path(path).stem
+        stem, arm_sets = split_arm(path)
+        name = cfg.model.name if cfg.model.name not in arms and not arm_sets else Path(stem).stem
+        if arm_sets:
+            name += f" [{', '.join(arm_sets)}]"
         arms[name] = aggregate(name, path, cfg, runs)
         names.append(name)
     base = names[0]

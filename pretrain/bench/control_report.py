@@ -47,7 +47,7 @@ def _verdict(results: dict, name: str) -> str:
     arm, base = results["arms"][name], results["arms"]["schedule"]
     diff = arm["heldout_bpb"]["mean"] - base["heldout_bpb"]["mean"]
     p = arm["welch_heldout"]["p"]
-    direction = "lower (better)" if diff < 0 else "higher (worse)"
+    direction = "lower (better)" if diff < -5e-5 else "higher (worse)" if diff > 5e-5 else "different (equal means)"
     sig = ("n/a" if p is None else f"{p:.3f}") + (
         "" if p is None else (f", significant at {ALPHA}" if p < ALPHA else f", not significant at {ALPHA}"))
     return (f"{LABELS[name]}: held-out bpb {abs(diff):.4f} {direction} than the schedule "
