@@ -106,12 +106,15 @@ class SharedMemory(nn.Module):
         memory = self.init.expand(b, -1, -1)
         out = [memory]
         for k in range(chunks - 1):
-            s = summaries[:, k]
-            weight = torch.softmax(key(memory) @ key(s)[:, :, None] / math.sqrt(key.out_features), dim=1)
-            erase, add = torch.sigmoid(self.erase(s))[:, None], torch.tanh(self.add(s))[:, None]
-            memory = memory * (1 - weight * erase) + weight * add
+            memory = self.write(memory, summaries[:, k], key)
             out.append(memory)
         return torch.stack(out, dim=1)
+
+    def write(self, memory: torch.Tensor, s: torch.Tensor, key: nn.Linear) -> torch.Tensor:
+        """One erase-then-add write of summary ``s [b, h]`` into ``memory [b, slots, h]``."""
+        weight = torch.softmax(key(memory) @ key(s)[:, :, None] / math.sqrt(key.out_features), dim=1)
+        erase, add = torch.sigmoid(self.erase(s))[:, None], torch.tanh(self.add(s))[:, None]
+        return memory * (1 - weight * erase) + weight * add
 
 
 class HimBlock(nn.Module):
@@ -178,6 +181,14 @@ class ReasoningBuffer(nn.Module):
         refined = buffer + self.up(attn @ keys[:, None])
         return self.momentum * buffer + (1 - self.momentum) * refined
 
+    def refine_one(self, buffer: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """One chunk's buffer ``[b, T, h]`` refined over the keys ``[b, t, r]`` of every token
+        before the chunk (``refine`` for a single chunk; no tokens: unchanged)."""
+        if keys.shape[1] == 0:
+            return buffer
+        attn = torch.softmax(self.down(buffer) @ keys.transpose(-1, -2) / math.sqrt(keys.shape[-1]), -1)
+        return self.momentum * buffer + (1 - self.momentum) * (buffer + self.up(attn @ keys))
+
     def read(self, buffer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         keys = self.down(buffer)                                              # [b, K, T, r]
         q = chunked(self.down(x), self.chunk)                                 # [b, K, C, r]
@@ -228,6 +239,16 @@ class HimLM(nn.Module):
         stats["buffer"] = buffer
         y = self.decoder_norm(x)
         return y + self.decoder_attn(y, self.decoder_tokens[None]), stats
+
+    def initial_state(self, batch: int) -> dict:
+        from .him_decode import initial_state
+        return initial_state(self, batch)
+
+    def step(self, token: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """Next-token logits ``[b, V]`` after ``token [b]``, with KV caches and chunk states:
+        O(context) per token instead of re-running the window (model/him_decode.py)."""
+        from .him_decode import step
+        return step(self, token, state)
 
     def aux_losses(self, stats: dict) -> dict[str, torch.Tensor]:
         """Memory sparsity (read entropy, normalized), reasoning diversity (mean squared cosine
