@@ -3,7 +3,8 @@
 Memory per rank (bytes), for the pipeline stage holding the most parameters:
   weights     P_stage/tp x w          (w = 2 for bf16, 4 for fp32; /dp under ZeRO-3)
   gradients   P_stage/tp x w          (/dp under ZeRO-2 and 3)
-  optimizer   P_stage/tp x (8 + 4 if bf16 master weights)   AdamW moments (/dp under ZeRO >= 1)
+  optimizer   P_stage/tp x (8 + 4 if bf16 master weights)   AdamW moments; Lion: 4, one moment
+              (/dp under ZeRO >= 1)
   activations per layer s*b*h*(10 + 24/tp) x w/2, with fused (flash/SDPA) attention and no
               recomputation (Korthikanti et al., 2022); the first stage holds pp micro-batches
               in flight under 1F1B, so it stores all L layers' worth; plus fp32 logits s*b*V*4/tp.
@@ -27,7 +28,8 @@ def estimate(cfg: RunConfig, world_size: int, param_count: int) -> dict:
     w = 2 if p.dtype == "bf16" else 4
     weights = stage * w / (dp if p.zero_stage == 3 else 1)
     grads = stage * w / (dp if p.zero_stage >= 2 else 1)
-    optim = stage * (8 + (4 if p.dtype == "bf16" else 0)) / (dp if p.zero_stage >= 1 else 1)
+    moments = 4 if cfg.optim.name == "lion" else 8
+    optim = stage * (moments + (4 if p.dtype == "bf16" else 0)) / (dp if p.zero_stage >= 1 else 1)
     s, b = m.seq_length, t.micro_batch_size
     activations = s * b * h * (10 + 24 / tp) * (w / 2) * L + s * b * V * 4 / tp
     gib = 2**30
