@@ -207,6 +207,9 @@ class HimLM(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, h)
         nn.init.normal_(self.embedding.weight, std=cfg.init_std)
         self.register_buffer("positions", sinusoidal_positions(cfg.seq_length, h), persistent=False)
+        # Vaswani et al.'s sqrt(h) on the (tied, std 0.02) embedding: unscaled, the unit-amplitude
+        # positions swamp the tokens and training stalls near the unigram loss (measured)
+        self.embed_scale = math.sqrt(h)
         self.layers = nn.ModuleList(HimBlock(cfg) for _ in range(cfg.num_layers))
         if hc.cognitive:
             self.memory = SharedMemory(h, hc.memory_slots, hc.memory_rank)
@@ -224,7 +227,7 @@ class HimLM(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         s = input_ids.shape[1]
-        x = self.embedding(input_ids) + self.positions[:s]
+        x = self.embedding(input_ids) * self.embed_scale + self.positions[:s]
         stats = {"gates": [], "memory_entropy": [], "memory_used": [], "buffer_change": []}
         buffer = None
         for i, layer in enumerate(self.layers):

@@ -46,7 +46,7 @@ def step(model, token: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         token = keep[-1]
     t = state["t"]
     new_chunk = t % hc.chunk_size == 0 and t > 0
-    x = model.embedding(token)[:, None] + model.positions[t]
+    x = model.embedding(token)[:, None] * model.embed_scale + model.positions[t]
     refinement = 0
     for i, layer in enumerate(model.layers):
         out, state["kv"][i] = _attend_step(layer.attn, layer.attn_norm(x), state["kv"][i])

@@ -204,7 +204,24 @@ def _scheduler(spec: TuneSpec):
     return PopulationBasedTraining(perturbation_interval=s.perturbation_interval, synch=s.synch,
                                    quantile_fraction=s.quantile_fraction,
                                    resample_probability=s.resample_probability,
-                                   hyperparam_mutations=_search_space(spec))
+                                   hyperparam_mutations=_search_space(spec),
+                                   custom_explore_fn=ClipToSearchSpace(spec.search_space))
+
+
+class ClipToSearchSpace:
+    """PBT's explore step multiplies a value by 0.8 or 1.2 without looking at the search space's
+    bounds (beta1 0.91 -> 1.09 crashes the trial): clip every numeric key back into [low, high]."""
+
+    def __init__(self, dims: list[SearchDim]):
+        self.bounds = {d.key: (d.low, d.high, d.distribution == "randint")
+                       for d in dims if d.distribution != "choice"}
+
+    def __call__(self, config: dict) -> dict:
+        for key, (low, high, integer) in self.bounds.items():
+            if key in config:
+                value = min(max(config[key], low), high)
+                config[key] = int(round(value)) if integer else value
+        return config
 
 
 def run_trial(params: dict, spec: TuneSpec, out_dir: str) -> None:

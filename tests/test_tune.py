@@ -89,3 +89,17 @@ def test_the_layout_search_spec_is_checked(tmp_path, dataset):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="needs scheduler fifo or asha"):
         load_spec(path)
+
+
+def test_pbt_explore_values_are_clipped_to_the_search_space():
+    """Ray's PBT perturbs by x0.8 / x1.2 regardless of bounds: beta1 0.91 would become 1.09."""
+    from pretrain.tune import ClipToSearchSpace, SearchDim
+
+    clip = ClipToSearchSpace([SearchDim("optim.beta1", "uniform", 0.8, 0.95),
+                              SearchDim("optim.lr", "loguniform", 1e-4, 1e-2),
+                              SearchDim("train.micro_batch_size", "randint", 2, 8),
+                              SearchDim("model.kernels", "choice", values=["auto", "reference"])])
+    out = clip({"optim.beta1": 0.91 * 1.2, "optim.lr": 5e-5, "train.micro_batch_size": 9.6,
+                "model.kernels": "auto"})
+    assert out == {"optim.beta1": 0.95, "optim.lr": 1e-4, "train.micro_batch_size": 8, "model.kernels": "auto"}
+    assert clip({"optim.beta1": 0.9})["optim.beta1"] == 0.9
