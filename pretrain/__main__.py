@@ -139,6 +139,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     g.add_argument("--new-tokens", type=int, default=256, help="generated tokens (default 256)")
     g.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    g.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B",
+                   help="sequences generated together, one or more sizes (default 1: one stream's latency)")
     c = what.add_parser("compare", help="baseline vs variants at equal data and budget -> report.md",
                         description="Trains the baseline and every variant config for --tokens "
                                     "tokens with seeds 0..S-1 (same data order per seed; finished "
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import generate as bench_generate
             command = shlex.join(["python", "-m", "pretrain", *(argv if argv is not None else sys.argv[1:])])
             bench_generate.run(args.ckpt, args.config, args.overrides, args.out, args.prompt_tokens,
-                               args.new_tokens, args.threads, command)
+                               args.new_tokens, args.threads, command, tuple(args.batch))
             print(f"report: {Path(args.out) / 'report.md'}")
             return 0
         if args.verb == "bench" and args.what == "kernels":

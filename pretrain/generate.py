@@ -1,9 +1,10 @@
 """Sample text from a checkpoint: temperature, top-k and nucleus (top-p) sampling, streamed.
 
 Any checkpoint layout loads: ZeRO and tensor-parallel shards are merged (as `export` does) into
-one process. Recurrent models (fractal Mamba) carry their state from token to token; the others
-re-run the last ``model.seq_length`` tokens per new token (no KV cache yet): fine for the small
-models this runs on a CPU, quadratic in the context for big ones.
+one process. Models with a ``step`` (fractal Mamba's recurrence, HIM's KV caches and chunk states)
+carry their state from token to token; the others re-run the last ``model.seq_length`` tokens per
+new token (no KV cache yet): fine for the small models this runs on a CPU, quadratic in the
+context for big ones.
 """
 from __future__ import annotations
 
@@ -52,22 +53,30 @@ def load_state(ckpt: str) -> tuple:
     return cfg, consolidate(ckpt_dir, tag, cfg)
 
 
+def build_single_process(cfg) -> torch.nn.Module:
+    """The whole model in this process (no model parallelism, nothing to recompute). Only the
+    families built on megatron-core need its parallel state (a gloo group of one); the plain-torch
+    ones skip it, and the ~220 MB of resident memory its imports cost."""
+    from model import get_family
+
+    from . import parallel
+
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = 1, 1, 0
+    cfg.parallel.sequence_parallel = cfg.parallel.recompute = False
+    family = get_family(cfg.model.name)
+    if family.tensor_parallel or family.pipeline_parallel:
+        parallel.setup(cfg)
+    return family.build(cfg.model, cfg.parallel)
+
+
 class Generator:
     """``int8``: dynamic int8 quantization of the linear layers after loading (CPU inference)."""
 
     def __init__(self, ckpt: str, int8: bool = False):
-        from model import get_family
-
-        from . import parallel
-
         self.cfg, state = load_state(ckpt)
-        # One process holds the whole model: no model parallelism, nothing to recompute.
-        self.cfg.parallel.tp, self.cfg.parallel.pp, self.cfg.parallel.zero_stage = 1, 1, 0
-        self.cfg.parallel.sequence_parallel = self.cfg.parallel.recompute = False
         data_dir = Path(self.cfg.data.path)
         self.tokenizer = tokenizer_from_manifest(read_manifest(data_dir)["tokenizer"], data_dir)
-        parallel.setup(self.cfg)
-        self.model = get_family(self.cfg.model.name).build(self.cfg.model, self.cfg.parallel)
+        self.model = build_single_process(self.cfg)
         own = set(self.model.state_dict())  # export strips the "gpt." prefix of megatron's part
         self.model.load_state_dict({k if k in own else "gpt." + k: v for k, v in state.items()})
         self.model.eval()

@@ -1,12 +1,13 @@
 """`bench generate`: CPU generation speed and peak memory, float vs int8 dynamic quantization.
 
-Each mode runs in its own child process (peak RSS is per process): load the model (a checkpoint,
-or a config built with random weights: speed and memory do not depend on the weights), then
-greedily generate ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt through the same
-next-token path as `pretrain generate` (recurrent models step; the others re-run the last
-``model.seq_length`` tokens per token: no KV cache). Tokens/s counts the generated tokens over
-the generation time (load and prompt excluded from neither: the first token includes the
-prompt's forward pass, as a user would see it).
+Each (mode, batch) runs in its own child process (peak RSS is per process): load the model (a
+checkpoint, or a config built with random weights: speed and memory do not depend on the
+weights), then greedily generate ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt for
+``batch`` independent sequences through the same next-token path as `pretrain generate` (models
+with a ``step`` carry a state; the others re-run the last ``model.seq_length`` tokens per token:
+no KV cache). Tokens/s counts every sequence's generated tokens over the generation time, the
+prompt's forward pass included (as a user would see it); batch 1 is the latency of one stream,
+larger batches the throughput of a server.
 """
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ from . import provenance
 def _load(ckpt: str | None, config: str | None, overrides: list[str], int8: bool):
     import torch
 
-    from model import get_family
-
-    from .. import parallel
     from ..config import load_config
-    from ..generate import Generator
+    from ..generate import Generator, build_single_process
 
     if ckpt:
         gen = Generator(ckpt, int8=int8)
@@ -33,10 +31,8 @@ def _load(ckpt: str | None, config: str | None, overrides: list[str], int8: bool
     cfg = load_config(config, overrides)
     if cfg.model.vocab_size == 0:
         raise ValueError("--config without --ckpt needs model.vocab_size set (no dataset is read)")
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = 1, 1, 0
-    parallel.setup(cfg)
     torch.manual_seed(0)
-    model = get_family(cfg.model.name).build(cfg.model, cfg.parallel).eval()
+    model = build_single_process(cfg).eval()
     if int8:
         from ..compress import quantize_int8
         model = quantize_int8(model)
@@ -49,57 +45,73 @@ def child(args: dict) -> dict:
 
     import torch
 
+    from .. import compress, generate  # noqa: F401  the code generation needs, before any model
     torch.set_num_threads(args["threads"] or torch.get_num_threads())
+    runtime_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, cfg = _load(args["ckpt"], args["config"], args["overrides"], args["int8"])
-    ids = [(7 * i) % 200 + 1 for i in range(args["prompt_tokens"])]
-    window = cfg.model.seq_length
+    batch, window = args["batch"], cfg.model.seq_length
+    ids = torch.tensor([[(7 * i + 13 * row) % 200 + 1 for i in range(args["prompt_tokens"])] for row in range(batch)])
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         start = time.perf_counter()
         if hasattr(model, "step"):
-            state = model.initial_state(1)
-            for token in ids:
-                logits, state = model.step(torch.tensor([token]), state)
+            state = model.initial_state(batch)
+            for t in range(ids.shape[1]):
+                logits, state = model.step(ids[:, t], state)
             for _ in range(args["new_tokens"]):
-                ids.append(int(logits[0].argmax()))
-                logits, state = model.step(torch.tensor([ids[-1]]), state)
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+                logits, state = model.step(ids[:, -1], state)
         else:
             for _ in range(args["new_tokens"]):
-                ids.append(int(model(torch.tensor([ids[-window:]]))[0, -1].argmax()))
+                ids = torch.cat([ids, model(ids[:, -window:])[:, -1].argmax(-1, keepdim=True)], 1)
         elapsed = time.perf_counter() - start
-    return {"int8": args["int8"], "tokens_per_s": args["new_tokens"] / elapsed, "seconds": elapsed,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "float_params": params, "model": cfg.model.name, "seq_length": window,
-            "threads": torch.get_num_threads()}
+    return {"int8": args["int8"], "batch": batch, "tokens_per_s": batch * args["new_tokens"] / elapsed,
+            "seconds": elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "runtime_rss_mb": runtime_rss_mb, "float_params": params, "model": cfg.model.name,
+            "seq_length": window, "threads": torch.get_num_threads()}
+
+
+def _run_child(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", "import json, sys; from pretrain.bench.generate import child; "
+                           "print('RESULT ' + json.dumps(child(json.loads(sys.argv[1]))))", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        mode = "int8" if spec["int8"] else "float"
+        raise RuntimeError(f"generation child ({mode}, batch {spec['batch']}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def run(ckpt: str | None, config: str | None, overrides: list[str], out: str, prompt_tokens: int,
-        new_tokens: int, threads: int, command: str) -> dict:
+        new_tokens: int, threads: int, command: str, batches: tuple[int, ...] = (1,)) -> dict:
+    if any(b < 1 for b in batches) or prompt_tokens < 1 or new_tokens < 1:
+        raise ValueError("--batch, --prompt-tokens and --new-tokens must be positive")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modes = {}
-    for int8 in (False, True):
-        spec = {"ckpt": ckpt, "config": config, "overrides": overrides, "int8": int8,
-                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads}
-        done = subprocess.run([sys.executable, "-c", "import json, sys; from pretrain.bench.generate import child; "
-                               "print('RESULT ' + json.dumps(child(json.loads(sys.argv[1]))))", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"generation child ({'int8' if int8 else 'float'}) failed:\n{done.stderr[-3000:]}")
-        modes["int8" if int8 else "float"] = json.loads(lines[-1][len("RESULT "):])
-        m = modes["int8" if int8 else "float"]
-        print(f"{'int8' if int8 else 'float'}: {m['tokens_per_s']:.1f} tokens/s, peak RSS {m['peak_rss_mb']:.0f} MB",
-              flush=True)
+    runs = []
+    for batch in batches:
+        for int8 in (False, True):
+            m = _run_child({"ckpt": ckpt, "config": config, "overrides": overrides, "int8": int8, "batch": batch,
+                            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads})
+            m["mode"] = "int8" if int8 else "float"
+            runs.append(m)
+            print(f"{m['mode']}, batch {batch}: {m['tokens_per_s']:.1f} tokens/s, peak RSS {m['peak_rss_mb']:.0f} MB "
+                  f"({m['runtime_rss_mb']:.0f} MB before the model loads)", flush=True)
     results = {"benchmark": "generate", "command": command, "commit": provenance.commit(), "date": provenance.utc_now(),
                "hardware": provenance.hardware(), "ckpt": ckpt, "config": config, "overrides": overrides,
-               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "modes": modes}
+               "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# Generation on CPU: {modes['float']['model']}, {modes['float']['float_params']:,} parameters", "",
+    first = runs[0]
+    lines = [f"# Generation on CPU: {first['model']}, {first['float_params']:,} parameters", "",
              f"`{command}`", "", f"Commit `{results['commit']}`, {results['date']}; "
-             f"hardware: {provenance.describe(results['hardware'])}; {modes['float']['threads']} threads.", "",
-             f"{prompt_tokens}-token prompt, {new_tokens} greedy tokens, context window {modes['float']['seq_length']}.", "",
-             "| mode | tokens/s | peak RSS (MB) |", "|---|---|---|"]
-    lines += [f"| {name} | {m['tokens_per_s']:.1f} | {m['peak_rss_mb']:.0f} |" for name, m in modes.items()]
+             f"hardware: {provenance.describe(results['hardware'])}; {first['threads']} threads.", "",
+             f"{prompt_tokens}-token prompt, {new_tokens} greedy tokens per sequence, context window "
+             f"{first['seq_length']}. Tokens/s counts every sequence of the batch.", "",
+             "Peak RSS is the whole process; the runtime column is its peak before the model loads "
+             "(torch and this code imported), so the difference is what the model and generation cost.", "",
+             "| mode | batch | tokens/s | peak RSS (MB) | runtime RSS (MB) | model + generation (MB) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {m['mode']} | {m['batch']} | {m['tokens_per_s']:.1f} | {m['peak_rss_mb']:.0f} | "
+              f"{m['runtime_rss_mb']:.0f} | {m['peak_rss_mb'] - m['runtime_rss_mb']:.0f} |" for m in runs]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return results
