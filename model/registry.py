@@ -56,10 +56,17 @@ def _him() -> ModelFamily:
                        tensor_parallel=False, pipeline_parallel=False)
 
 
+def _bsfin() -> ModelFamily:
+    from . import bsfin
+    return ModelFamily(bsfin.build, bsfin.parameter_count, bsfin.training_flops_per_token,
+                       "BSFIN (byte entropy patches, complex interference attention over patches)",
+                       tensor_parallel=False, pipeline_parallel=False)
+
+
 # Lazy factories keep `import model` cheap (megatron-core imports take seconds).
 _FAMILIES: dict[str, Callable[[], ModelFamily]] = {
     "mistral": _mistral, "fim_mistral": _fim_mistral, "fractal_mamba": _fractal_mamba,
-    "fractalformer": _fractalformer, "him": _him}
+    "fractalformer": _fractalformer, "him": _him, "bsfin": _bsfin}
 
 
 def names() -> list[str]:

@@ -157,6 +157,47 @@ class HimConfig:
 
 
 @dataclass
+class BsfinConfig:
+    """model.name=bsfin (model/bsfin.py): bytes -> entropy patches -> local encoder -> complex
+    interference stack over patches (width model.hidden_size, model.num_layers layers,
+    model.num_attention_heads heads, FFN model.ffn_hidden_size) -> local byte decoder."""
+    patching: Literal["window", "model"] = "window"   # entropy source: sliding-window Shannon, or a byte LM
+    entropy_model: str = ""            # patching=model: an export/compress dir or checkpoint of a byte-level model
+    entropy_window: int = 16           # patching=window: bytes in the histogram
+    threshold: float = 3.0             # bits (relative: the rise over the previous byte's entropy)
+    relative: bool = False
+    min_patch: int = 2
+    max_patch: int = 12
+    local_hidden: int = 128            # byte encoder / decoder width
+    local_heads: int = 4
+    encoder_layers: int = 1
+    decoder_layers: int = 2
+    ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5])   # hashed n-gram features; empty: none
+    ngram_buckets: int = 4096
+    score_mode: Literal["quantum", "classical"] = "quantum"
+    rope: bool = True
+    entangle: bool = True
+    complex_to_real: Literal["concat", "magnitude"] = "concat"
+    flops_patch_bytes: float = 4.0     # mean patch length assumed by the closed-form FLOPs (training logs the real one)
+
+    def validate(self) -> None:
+        for key in ("entropy_window", "min_patch", "max_patch", "local_hidden", "local_heads", "encoder_layers",
+                    "decoder_layers", "ngram_buckets"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.bsfin.{key}={getattr(self, key)} must be >= 1")
+        if self.min_patch > self.max_patch:
+            raise ConfigError(f"model.bsfin.min_patch={self.min_patch} must be <= max_patch={self.max_patch}")
+        if self.local_hidden % self.local_heads:
+            raise ConfigError(f"model.bsfin.local_hidden={self.local_hidden} must be divisible by local_heads")
+        if any(n < 2 for n in self.ngram_sizes):
+            raise ConfigError(f"model.bsfin.ngram_sizes={self.ngram_sizes}: n-grams need n >= 2")
+        if self.patching == "model" and not self.entropy_model:
+            raise ConfigError("model.bsfin.patching=model needs model.bsfin.entropy_model (a byte-level model dir)")
+        if self.flops_patch_bytes < 1:
+            raise ConfigError("model.bsfin.flops_patch_bytes must be >= 1")
+
+
+@dataclass
 class ModelConfig:
     name: str = "mistral"
     num_layers: int = 4
@@ -179,10 +220,12 @@ class ModelConfig:
     fractal_mamba: FractalMambaConfig = field(default_factory=FractalMambaConfig)
     fractalformer: FractalFormerConfig = field(default_factory=FractalFormerConfig)
     him: HimConfig = field(default_factory=HimConfig)
+    bsfin: BsfinConfig = field(default_factory=BsfinConfig)
 
     def validate(self) -> None:
         self.fim.validate(self.num_layers)
         self.him.validate()
+        self.bsfin.validate()
         self.fractal_mamba.validate()
         if self.name == "fractalformer":
             self.fractalformer.validate(self)
@@ -353,10 +396,10 @@ class RunConfig:
         if self.model.name == "fim_mistral" and self.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel=true is not supported by fim_mistral yet (its "
                               "position embedding is added to the unsplit sequence); leave it false")
-        if self.model.name in ("fractal_mamba", "fractalformer", "him") and self.data.mask_documents:
+        if self.model.name in ("fractal_mamba", "fractalformer", "him", "bsfin") and self.data.mask_documents:
             raise ConfigError(f"data.mask_documents=true is not supported by {self.model.name} (its "
                               "sequence mixing has no document boundaries); leave it false")
-        if self.model.name in ("fractalformer", "him") and self.model.sliding_window:
+        if self.model.name in ("fractalformer", "him", "bsfin") and self.model.sliding_window:
             raise ConfigError(f"model.sliding_window is not supported by {self.model.name} (full causal "
                               "attention); set it to 0")
         if self.model.name == "fim_mistral" and self.data.mask_documents:
