@@ -220,3 +220,20 @@ def test_the_lr_control_report_states_direction_significance_and_pbts_compute(tm
     assert "PBT (best of population): held-out bpb 0.0000 different (equal means)" in report
     assert "| 1,228,800 |" in report                 # PBT: 4 x 307,200 tokens
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_a_runs_hash_ignores_other_families_settings():
+    """Every family section of the model config is mapped to its family; a change there moves
+    only that family's runs (so adding a family's keys keeps earlier runs reusable)."""
+    import dataclasses
+
+    from model import names
+    from pretrain.bench.compare import FAMILY_SECTIONS, config_hash
+    from pretrain.config import ModelConfig, load_config
+
+    sections = {f.name for f in dataclasses.fields(ModelConfig) if f.default_factory is not dataclasses.MISSING}
+    assert sections == set(FAMILY_SECTIONS) and set(FAMILY_SECTIONS.values()) <= set(names())
+    mistral, him = (ROOT / "configs" / name for name in ("mistral_tiny.yaml", "him_tiny.yaml"))
+    assert config_hash(load_config(mistral)) == config_hash(load_config(mistral, ["model.him.chunk_size=32"]))
+    assert config_hash(load_config(him)) != config_hash(load_config(him, ["model.him.chunk_size=32"]))
+    assert config_hash(load_config(mistral)) != config_hash(load_config(mistral, ["optim.lr=1e-3"]))

@@ -25,11 +25,20 @@ from . import provenance, stats
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# model.<section> -> the family that reads it; other families' sections do not change a run.
+FAMILY_SECTIONS = {"fim": "fim_mistral", "fractal_mamba": "fractal_mamba", "fractalformer": "fractalformer",
+                   "him": "him", "bsfin": "bsfin"}
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """What determines a run's results: everything but where it writes and how it logs."""
+    """What determines a run's results: everything but where it writes, how it logs and the
+    settings of other model families (so adding a family's keys keeps earlier runs reusable)."""
     tree = cfg.to_dict()
     tree["train"].pop("run_dir")
     tree.pop("log")
+    for section, family in FAMILY_SECTIONS.items():
+        if cfg.model.name != family:
+            tree["model"].pop(section)
     return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
