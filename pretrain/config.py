@@ -321,7 +321,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0             # 0 disables clipping
-    name: Literal["adamw", "lion"] = "adamw"   # lion: lion-pytorch (beta1, beta2 as its betas)
+    # lion: lion-pytorch (beta1, beta2 as its betas); sgd: SGD with momentum beta1 (with
+    # qcontrol.enabled: the BSFIN design's "EnhancedSGD")
+    name: Literal["adamw", "lion", "sgd"] = "adamw"
     schedule: Literal["cosine", "onecycle"] = "cosine"  # onecycle: pct_start/div factors below, no warmup_steps/min_lr
     onecycle_pct_start: float = 0.1
     onecycle_div_factor: float = 25.0          # start at lr / 25

@@ -91,6 +91,10 @@ class SkippingAdamW(Skipping, torch.optim.AdamW):
     pass
 
 
+class SkippingSGD(Skipping, torch.optim.SGD):
+    pass
+
+
 def _lion():
     from lion_pytorch import Lion
 
@@ -123,8 +127,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, speeds: bool = Fal
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW with the fused (single-kernel, CPU and CUDA) implementation: the same update as the
     per-parameter loop, several times faster on many small tensors (bench train gives the
-    transformers reference this same optimizer); or Lion (lion-pytorch). ZeRO-0 gets the
-    skipping/clipping subclass."""
+    transformers reference this same optimizer); or Lion (lion-pytorch); or SGD with momentum
+    ``beta1``. ZeRO-0 gets the skipping/clipping subclass."""
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, speeds=o.param_groups == "multispeed")
     for group in groups:
@@ -136,6 +140,10 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
         if cfg.parallel.zero_stage > 0:
             return lion(groups, **kwargs)
         return skipping_lion(groups, max_grad_norm=clip_here, **kwargs)
+    if o.name == "sgd":
+        kwargs = dict(lr=o.lr, momentum=o.beta1)
+        return torch.optim.SGD(groups, **kwargs) if cfg.parallel.zero_stage > 0 else \
+            SkippingSGD(groups, max_grad_norm=clip_here, **kwargs)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
     if cfg.parallel.zero_stage > 0:
         return torch.optim.AdamW(groups, **kwargs)
@@ -202,7 +210,10 @@ def reapply_optimizer_settings(cfg: RunConfig, engine, controller=None) -> None:
     beta1 = controller.momentum if controller is not None else o.beta1
     for index, (group, base) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs)):
         group["initial_lr"] = base
-        group["betas"] = (beta1, o.beta2)
+        if "betas" in group:
+            group["betas"] = (beta1, o.beta2)
+        else:  # SGD
+            group["momentum"] = beta1
         if "eps" in group:  # AdamW (Lion has none)
             group["eps"] = o.eps
         if group.get("decays", index == 0):  # checkpoints before "decays": matrices first, then vectors

@@ -28,7 +28,7 @@ def estimate(cfg: RunConfig, world_size: int, param_count: int) -> dict:
     w = 2 if p.dtype == "bf16" else 4
     weights = stage * w / (dp if p.zero_stage == 3 else 1)
     grads = stage * w / (dp if p.zero_stage >= 2 else 1)
-    moments = 4 if cfg.optim.name == "lion" else 8
+    moments = 4 if cfg.optim.name in ("lion", "sgd") else 8     # one moment (fp32) or two
     optim = stage * (moments + (4 if p.dtype == "bf16" else 0)) / (dp if p.zero_stage >= 1 else 1)
     s, b = m.seq_length, t.micro_batch_size
     activations = s * b * h * (10 + 24 / tp) * (w / 2) * L + s * b * V * 4 / tp

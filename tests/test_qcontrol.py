@@ -9,7 +9,7 @@ from pretrain.config import ConfigError, QControlConfig, load_config
 from pretrain.metrics import read_metrics
 from pretrain.qcontrol import ACTIONS, QController
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from test_train import losses_by_step, train_cmd
 
 
@@ -70,10 +70,13 @@ def test_the_momentum_must_start_within_the_bounds():
         load_config(None, ["optim.qcontrol.lr_scale_min=2.0"])
 
 
-def test_the_trainer_applies_logs_and_resumes_the_controller_exactly(dataset, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"], ids=["adamw", "enhanced-sgd"])
+def test_the_trainer_applies_logs_and_resumes_the_controller_exactly(dataset, tmp_path, optimizer):
+    """With optim.name=sgd this is the BSFIN design's EnhancedSGD: SGD whose LR and momentum the
+    controller drives."""
     import shutil
 
-    extra = {"optim.qcontrol.enabled": "true", "optim.qcontrol.every": 2,
+    extra = {"optim.name": optimizer, "optim.qcontrol.enabled": "true", "optim.qcontrol.every": 2,
              "optim.qcontrol.epsilon": 0.5, "optim.warmup_steps": 0, "train.steps": 12,
              "train.checkpoint_every": 6, "train.keep_last": 0, "optim.min_lr": 3e-3}
     run_dir = tmp_path / "run"
@@ -96,3 +99,18 @@ def test_the_trainer_applies_logs_and_resumes_the_controller_exactly(dataset, tm
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
     replayed = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "qcontrol"]
     assert [{k: v for k, v in d.items()} for d in replayed if d["step"] > 6] == decisions[3:]
+
+
+def test_the_controller_sets_sgds_momentum():
+    from pretrain.engine import build_optimizer
+    from pretrain.qcontrol import QController
+
+    cfg = load_config(ROOT / "configs" / "mistral_tiny.yaml", ["optim.name=sgd", "parallel.zero_stage=0",
+                                                               "optim.qcontrol.enabled=true", "optim.beta1=0.9"])
+    optimizer = build_optimizer(cfg, torch.nn.Linear(4, 4))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    controller = QController(cfg.optim.qcontrol, 0.9)
+    controller.momentum = 0.93
+    controller.apply(scheduler)
+    assert all(group["momentum"] == 0.93 for group in optimizer.param_groups)
