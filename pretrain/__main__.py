@@ -207,6 +207,9 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus sampling: smallest set with this probability mass (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--entropy-aware", type=float, nargs=2, metavar=("CONFIDENT", "UNCERTAIN"),
+                   help="per token by the entropy (bits) of its distribution: below CONFIDENT greedy, above "
+                   "UNCERTAIN the full distribution, between top-k (--top-k, 40 if unset); e.g. 1 4")
     p.add_argument("--int8", action="store_true",
                    help="int8 dynamic quantization of the linear layers (CPU inference)")
     return p
@@ -225,6 +228,30 @@ def _compress_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning AdamW learning rate (default 3e-4)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches per bpb (default 8)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning data order and RNG (default 0)")
+    return p
+
+
+def _continual_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("continual", help="online learning on a text stream with a hash-indexed memory (LIVEBSFIN)",
+                       description="Reads --stream once, in order, in windows of the model's seq_length; each "
+                       "context of --hash-span tokens gets an importance from a bounded hash memory (new: 1; "
+                       "decayed per visit and per step since its last access) that scales its gradient within "
+                       "[0.1, 1]. Reports bpb on the stream's held-out end and on the original validation split, "
+                       "before and after. Writes OUT/model.safetensors, config.yaml, memory.json, continual.json, "
+                       "report.md; `continual --ckpt OUT` resumes the memory.")
+    p.add_argument("--ckpt", required=True, help=CKPT_HELP + ", or an export/compress/continual directory")
+    p.add_argument("--stream", required=True, help="text file to learn from")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch", type=int, default=8, help="windows per step (default 8)")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of the stream's windows held out, at its end (default 0.1)")
+    p.add_argument("--hash-span", type=int, default=32, help="tokens per hashed context (default 32)")
+    p.add_argument("--memory-size", type=int, default=65536, help="contexts the memory holds (default 65536)")
+    p.add_argument("--decay", type=float, default=0.999, help="importance decay per step since last access (default 0.999)")
+    p.add_argument("--visit-decay", type=float, default=0.5, help="importance factor per visit (default 0.5)")
+    p.add_argument("--no-memory", action="store_true", help="every token at full weight (the control)")
+    p.add_argument("--eval-batches", type=int, default=8, help="original validation batches per bpb (default 8)")
+    p.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -290,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _export_parser(sub)
     _generate_parser(sub)
+    _continual_parser(sub)
     _inspect_parser(sub)
     _tune_parser(sub)
     _compress_parser(sub)
@@ -374,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "generate":
             from .generate import main as generate_main
             return generate_main(args)
+        if args.verb == "continual":
+            from . import continual
+            result = continual.run(args.ckpt, args.stream, args.out, args.lr, args.batch, args.holdout, args.hash_span,
+                                   args.memory_size, args.decay, args.visit_decay, args.eval_batches,
+                                   not args.no_memory, args.seed)
+            print(f"report: {Path(args.out) / 'report.md'} (adaptation {result['adaptation_bpb']:+.4f} bpb, "
+                  f"forgetting {result['forgetting_bpb']:+.4f} bpb)")
+            return 0
         if args.verb == "export":
             from .export import export
             print(f"wrote {export(args.ckpt, args.out, args.format)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest set
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def entropy_aware(logits: torch.Tensor, confident: float, uncertain: float, top_k: int) -> tuple[float, int]:
+    """(temperature factor, top-k) from the entropy (bits) of the next-token distribution (the
+    BSFIN document's sampling): below ``confident`` greedy; above ``uncertain`` the full
+    distribution; between, top-k (``top_k``, 40 if unset)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    bits = float(-(logp.exp() * logp).sum()) / math.log(2)
+    if bits < confident:
+        return 0.0, 0
+    if bits > uncertain:
+        return 1.0, 0
+    return 1.0, top_k or 40
 
 
 def load_state(ckpt: str) -> tuple:
@@ -103,16 +117,22 @@ class Generator:
 
     @torch.no_grad()
     def stream(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-               top_p: float, seed: int) -> Iterator[str]:
-        """Yields decoded text pieces as tokens are sampled (UTF-8 split safely)."""
+               top_p: float, seed: int, entropy_bits: tuple[float, float] | None = None) -> Iterator[str]:
+        """Yields decoded text pieces as tokens are sampled (UTF-8 split safely). With
+        ``entropy_bits`` (confident, uncertain) each token's mode follows its entropy
+        (``entropy_aware``): greedy, top-k or the full distribution at ``temperature``."""
         generator = torch.Generator().manual_seed(seed)
         ids = [int(i) for i in self.tokenizer.encode(prompt.encode("utf-8"))] or [self.tokenizer.eos_id]
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         emitted, new = b"", []
         logits = self._next_logits(ids)
         for _ in range(max_new_tokens):
-            token = sample_next(next(logits)[: self.tokenizer.vocab_size], temperature, top_k,
-                                top_p, generator)
+            scores = next(logits)[: self.tokenizer.vocab_size]
+            if entropy_bits is None:
+                token = sample_next(scores, temperature, top_k, top_p, generator)
+            else:
+                factor, k = entropy_aware(scores, *entropy_bits, top_k)
+                token = sample_next(scores, temperature * factor, k, top_p, generator)
             if token == self.tokenizer.eos_id:
                 break
             ids.append(token)
@@ -131,7 +151,8 @@ class Generator:
 def main(args) -> int:
     generator = Generator(args.ckpt, int8=args.int8)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   entropy_bits=tuple(args.entropy_aware) if args.entropy_aware else None)
     prompts = [args.prompt] if args.prompt is not None else []
     if args.interactive:
         print("interactive: one prompt per line, Ctrl-D to quit", file=sys.stderr)

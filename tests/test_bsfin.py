@@ -255,3 +255,63 @@ def test_bsfin_trains_and_logs_patch_statistics(dataset, tmp_path):
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(1 <= r["patch_mean_bytes"] <= 12 + 3 for r in rows)
+
+
+# --- generation and continual learning --------------------------------------------------------------
+
+def test_entropy_aware_sampling_picks_greedy_top_k_or_full_by_entropy():
+    from pretrain.generate import entropy_aware
+
+    peaked = torch.tensor([10.0, 0.0, 0.0, 0.0])                      # ~0.01 bits
+    flat = torch.zeros(64)                                             # 6 bits
+    middle = torch.tensor([2.0, 2.0, 2.0, 2.0, -9.0, -9.0])            # ~2 bits
+    assert entropy_aware(peaked, 1.0, 4.0, 0) == (0.0, 0)
+    assert entropy_aware(flat, 1.0, 4.0, 0) == (1.0, 0)
+    assert entropy_aware(middle, 1.0, 4.0, 3) == (1.0, 3) and entropy_aware(middle, 1.0, 4.0, 0) == (1.0, 40)
+
+
+def test_hash_memory_importance_bounds_eviction_and_state():
+    from pretrain.continual import HashMemory, token_weights
+
+    memory = HashMemory(capacity=3, decay=0.9, visit_decay=0.5)
+    assert memory.visit("a", 1) == 1.0                                 # new: full weight
+    assert memory.visit("a", 1) == pytest.approx(0.5)                  # a repeat teaches less
+    assert memory.visit("a", 3) == pytest.approx(0.25 * 0.9 ** 2)      # and an older one too
+    for key in "bcd":
+        memory.visit(key, 4)
+    assert "a" not in memory.entries and memory.evictions == 1        # least recently used out
+    restored = HashMemory.from_state(memory.state_dict())
+    assert restored.state_dict() == memory.state_dict()
+    weights = token_weights(HashMemory(10, 1.0, 0.01), [1, 2, 3, 1, 2, 3, 1], span=3, step=0)
+    assert weights == [1.0] * 3 + [0.1] * 3 + [1.0]                   # clamped to [0.1, 1]
+
+
+def test_continual_learning_lowers_the_streams_loss_and_measures_forgetting(dataset, tmp_path):
+    """A trained tiny bsfin learns a new stream online: its held-out end's bpb drops; the
+    original validation bpb is measured before and after; the memory is saved and resumed."""
+    import json
+
+    extra = {"model.name": "bsfin", "model.sliding_window": 0, "model.num_query_groups": 4,
+             "model.bsfin.local_hidden": 32, "model.bsfin.local_heads": 2, "model.bsfin.ngram_buckets": 64,
+             "train.steps": 4}
+    run_dir = tmp_path / "run"
+    done = run_cli(*train_cmd(dataset, run_dir, **extra))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    stream = tmp_path / "stream.txt"
+    stream.write_text("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 60)
+    def continual(ckpt, out):
+        return run_cli("-m", "pretrain", "continual", "--ckpt", str(ckpt), "--stream", str(stream), "--out", str(out),
+                       "--lr", "3e-3", "--batch", "4", "--hash-span", "16", "--eval-batches", "2")
+
+    out = tmp_path / "continual"
+    first = continual(run_dir, out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((out / "continual.json").read_text())
+    assert result["stream_bpb_after"] < result["stream_bpb_before"] - 0.5
+    assert math.isfinite(result["forgetting_bpb"]) and not result["memory_resumed"]
+    assert result["memory_summary"]["hits"] > 0 and 0.1 <= result["mean_gradient_scale"] < 1.0
+    assert "forgetting" in (out / "report.md").read_text()
+    again = continual(out, tmp_path / "c2")             # from the continual output: its memory resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((tmp_path / "c2" / "continual.json").read_text())
+    assert resumed["memory_resumed"] and resumed["mean_gradient_scale"] < result["mean_gradient_scale"]
