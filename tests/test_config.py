@@ -11,6 +11,11 @@ def test_shipped_configs_validate():
     assert tiny.model.name == "mistral" and tiny.parallel.zero_stage == 1
     big = load_config(ROOT / "configs" / "mistral_7b.yaml")
     assert (big.model.num_layers, big.model.hidden_size, big.model.num_query_groups) == (32, 4096, 8)
+    from model import get_family
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):   # every run config loads and sizes
+        cfg = load_config(path, [] if load_config(path).model.vocab_size else ["model.vocab_size=384"])
+        assert get_family(cfg.model.name).parameter_count(cfg.model) > 0, path.name
 
 
 def test_overrides_are_typed():
