@@ -40,6 +40,8 @@ class RunLogger:
             return
         if start_step > 0:
             truncate_after(self.path, start_step)
+        elif self.path.is_file():  # a fresh start: an interrupted attempt's records would repeat
+            self.path.unlink()
         self._file = open(self.path, "a", buffering=1)
         self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not cfg.log.progress, desc="train")

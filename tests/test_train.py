@@ -1,3 +1,4 @@
+import json
 import signal
 import time
 from pathlib import Path
@@ -5,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, build_model, run_cli, tiny_overrides
+from conftest import ROOT, build_model, run_cli, tiny_config, tiny_overrides
 from pretrain import checkpoint, parallel
 from pretrain.engine import build_engine
 from pretrain.metrics import read_metrics
@@ -288,3 +289,19 @@ def test_zero0_clips_by_the_global_norm_and_reports_it(session):
     weights[1].grad[0] = float("nan")
     optimizer.step()
     assert optimizer.overflow
+
+
+def test_a_fresh_start_does_not_repeat_an_interrupted_attempts_records(dataset, tmp_path):
+    """A run restarted from step 0 (no checkpoint yet) starts a new log; a resume keeps the
+    records up to its checkpoint."""
+    from pretrain.metrics import RunLogger
+
+    cfg = tiny_config(dataset, tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    old = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5))
+    log.write_text(old)
+    RunLogger(cfg, tmp_path, enabled=True, start_step=3).close()
+    assert [r["step"] for r in read_metrics(log)] == [0, 1, 2, 3]
+    log.write_text(old)
+    RunLogger(cfg, tmp_path, enabled=True, start_step=0).close()
+    assert read_metrics(log) == []
