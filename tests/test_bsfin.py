@@ -243,20 +243,6 @@ def test_the_tiny_config_matches_the_baselines_size():
     assert get_family("bsfin").parameter_count(ours) == sum(p.numel() for p in BsfinLM(ours).parameters())
 
 
-def test_bsfin_trains_and_logs_patch_statistics(dataset, tmp_path):
-    from pretrain.metrics import read_metrics
-
-    extra = {"model.name": "bsfin", "model.sliding_window": 0, "model.num_query_groups": 4,
-             "model.bsfin.local_hidden": 32, "model.bsfin.local_heads": 2, "model.bsfin.ngram_buckets": 64,
-             "train.steps": 12, "optim.lr": 3e-3}
-    run_dir = tmp_path / "run"
-    done = run_cli(*train_cmd(dataset, run_dir, **extra))
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
-    assert rows[-1]["loss"] < rows[0]["loss"]
-    assert all(1 <= r["patch_mean_bytes"] <= 12 + 3 for r in rows)
-
-
 # --- generation and continual learning --------------------------------------------------------------
 
 def test_entropy_aware_sampling_picks_greedy_top_k_or_full_by_entropy():
@@ -286,17 +272,23 @@ def test_hash_memory_importance_bounds_eviction_and_state():
     assert weights == [1.0] * 3 + [0.1] * 3 + [1.0]                   # clamped to [0.1, 1]
 
 
-def test_continual_learning_lowers_the_streams_loss_and_measures_forgetting(dataset, tmp_path):
-    """A trained tiny bsfin learns a new stream online: its held-out end's bpb drops; the
-    original validation bpb is measured before and after; the memory is saved and resumed."""
+def test_bsfin_trains_logs_patches_and_learns_a_stream_continually(dataset, tmp_path):
+    """The trainer runs bsfin (patch statistics in metrics.jsonl). Then continual learning: the
+    new stream's held-out end's bpb drops; the original validation bpb is measured before and
+    after; the memory is saved and resumed."""
     import json
+
+    from pretrain.metrics import read_metrics
 
     extra = {"model.name": "bsfin", "model.sliding_window": 0, "model.num_query_groups": 4,
              "model.bsfin.local_hidden": 32, "model.bsfin.local_heads": 2, "model.bsfin.ngram_buckets": 64,
-             "train.steps": 4}
+             "train.steps": 10, "optim.lr": 3e-3}
     run_dir = tmp_path / "run"
     done = run_cli(*train_cmd(dataset, run_dir, **extra))
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(2 <= r["patch_mean_bytes"] <= 12 + 3 for r in rows)
     stream = tmp_path / "stream.txt"
     stream.write_text("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 60)
     def continual(ckpt, out):
