@@ -35,7 +35,8 @@ def _seed_spec(spec: TuneSpec, seed: int) -> TuneSpec:
 
 def single_run(spec: TuneSpec, seed: int, arm: str, runs_dir: Path) -> Path:
     """Train (or reuse) the schedule or Q-controller run of one seed; returns its run dir."""
-    params = {"optim.qcontrol.enabled": True} if arm == "qcontrol" else {}
+    # a seed varies the controller's exploration too, as it varies PBT's search
+    params = {"optim.qcontrol.enabled": True, "optim.qcontrol.seed": seed} if arm == "qcontrol" else {}
     cfg = trial_config(_seed_spec(spec, seed), params, "unset")
     cfg.train.checkpoint_every = 0           # only the final checkpoint: nothing resumes mid-way here
     run_dir = runs_dir / f"{arm}-seed{seed}-{config_hash(cfg)}"
