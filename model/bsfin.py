@@ -36,14 +36,15 @@ NGRAM_PRIMES = (1_000_003, 998_244_353, 1_000_000_007, 2_147_483_647, 754_974_72
 class LocalBlock(nn.Module):
     """Pre-norm transformer block over bytes; optional cross-attention to a memory."""
 
-    def __init__(self, d: int, heads: int, cross: bool, eps: float):
+    def __init__(self, d: int, heads: int, cross: bool, eps: float, memory_dim: int = 0):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm3 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         if cross:
             self.norm2 = nn.LayerNorm(d, eps=eps)
-            self.cross_q, self.cross_kv, self.cross_proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+            self.cross_q, self.cross_proj = nn.Linear(d, d), nn.Linear(d, d)
+            self.cross_kv = nn.Linear(memory_dim or d, 2 * d)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,10 +109,11 @@ class BsfinLM(nn.Module):
         self.layers = nn.ModuleList(
             InterferenceLayer(dc, cfg.num_attention_heads, cfg.ffn_hidden_size, bc.score_mode, bc.rope, bc.entangle,
                               cfg.norm_eps) for _ in range(cfg.num_layers))
-        self.to_real = nn.Linear(2 * dc if bc.complex_to_real == "concat" else dc, d)
-        self.empty_memory = nn.Parameter(torch.randn(1, 1, d) * 0.02)   # what a byte reads before any patch ends
+        m = bc.memory_dim or d
+        self.to_real = nn.Linear(2 * dc if bc.complex_to_real == "concat" else dc, m)
+        self.empty_memory = nn.Parameter(torch.randn(1, 1, m) * 0.02)   # what a byte reads before any patch ends
         self.decoder_embedding = nn.Embedding(cfg.vocab_size, d)
-        self.decoder = nn.ModuleList(LocalBlock(d, bc.local_heads, True, cfg.norm_eps) for _ in range(bc.decoder_layers))
+        self.decoder = nn.ModuleList(LocalBlock(d, bc.local_heads, True, cfg.norm_eps, m) for _ in range(bc.decoder_layers))
         self.decoder_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.entropy_model = None      # set by attach_entropy_model; kept out of parameters and state
@@ -171,7 +173,7 @@ class BsfinLM(nn.Module):
             z = layer(z, causal)
         z = self.norm_out(z)
         flat = torch.cat(z, -1) if self.cfg.bsfin.complex_to_real == "concat" else torch.sqrt(z[0] ** 2 + z[1] ** 2 + 1e-12)
-        memory = torch.cat([self.empty_memory.expand(b, -1, -1), self.to_real(flat)], 1)      # [b, 1 + P, d]
+        memory = torch.cat([self.empty_memory.expand(b, -1, -1), self.to_real(flat)], 1)      # [b, 1 + P, m]
         # decoder: byte t reads the patches complete by t (end <= t + 1) and the empty slot
         visible = complete[:, None, :] & (end[:, None, :] <= positions[None, :, None] + 1)    # [b, s, P]
         visible = torch.cat([visible.new_ones(b, s, 1), visible], -1)
@@ -220,15 +222,19 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def training_flops_per_token(cfg: ModelConfig) -> float:
-    """Per byte: 6 x the byte-level matmul parameters (encoder, pooling, decoder, head) + 12 x the
-    complex matmul parameters (a complex multiply-add is 4 real ones on 2 real parameters) of the
-    patch-level stack divided by ``flops_patch_bytes`` (an assumed mean patch length) + attention
+    """Per byte: 6 x the byte-level matmul parameters (encoder, pooling, decoder, head) + (12 x the
+    complex matmul parameters of the patch-level stack (a complex multiply-add is 4 real ones on 2
+    real parameters) + 6 x the per-patch real ones) divided by ``flops_patch_bytes`` (an assumed
+    mean patch length) + attention
     (bytes: 12 x layers x width x context; patches: the same per patch, complex scores twice)."""
     bc, d, dc, s = cfg.bsfin, cfg.bsfin.local_hidden, cfg.hidden_size, cfg.seq_length
+    m = bc.memory_dim or d
     block = 4 * d * d + 8 * d * d
-    local = bc.encoder_layers * block + bc.decoder_layers * (block + 4 * d * d) + 3 * d * d + d * cfg.vocab_size
+    cross = 2 * d * d                              # per byte: cross-attention query and output
+    local = bc.encoder_layers * block + bc.decoder_layers * (block + cross) + 3 * d * d + d * cfg.vocab_size
     complex_ = cfg.num_layers * 2 * (4 * dc * dc + 2 * dc * cfg.ffn_hidden_size)
-    bridge = d * 2 * dc + (2 * dc if bc.complex_to_real == "concat" else dc) * d
+    # per patch: the bridges in and out, the memory's keys and values in every decoder layer
+    bridge = d * 2 * dc + (2 * dc if bc.complex_to_real == "concat" else dc) * m + bc.decoder_layers * 2 * m * d
     patches = s / bc.flops_patch_bytes
     attention = 12.0 * (bc.encoder_layers * d * bc.max_patch + bc.decoder_layers * d * (s + patches))
     attention += 2 * 12.0 * cfg.num_layers * dc * patches / bc.flops_patch_bytes

@@ -178,6 +178,7 @@ class BsfinConfig:
     rope: bool = True
     entangle: bool = True
     complex_to_real: Literal["concat", "magnitude"] = "concat"
+    memory_dim: int = 0                # width of the patch memory the decoder reads (0: local_hidden)
     flops_patch_bytes: float = 4.0     # mean patch length assumed by the closed-form FLOPs (training logs the real one)
 
     def validate(self) -> None:
@@ -193,8 +194,8 @@ class BsfinConfig:
             raise ConfigError(f"model.bsfin.ngram_sizes={self.ngram_sizes}: n-grams need n >= 2")
         if self.patching == "model" and not self.entropy_model:
             raise ConfigError("model.bsfin.patching=model needs model.bsfin.entropy_model (a byte-level model dir)")
-        if self.flops_patch_bytes < 1:
-            raise ConfigError("model.bsfin.flops_patch_bytes must be >= 1")
+        if self.flops_patch_bytes < 1 or self.memory_dim < 0:
+            raise ConfigError("model.bsfin.flops_patch_bytes must be >= 1 and memory_dim >= 0")
 
 
 @dataclass

@@ -189,7 +189,8 @@ def _assert_causal(model, ids):
 
 
 @pytest.mark.parametrize("extra", [{}, {"model.bsfin.score_mode": "classical", "model.bsfin.relative": False,
-                                        "model.bsfin.threshold": 2.5, "model.bsfin.complex_to_real": "magnitude"}],
+                                        "model.bsfin.threshold": 2.5, "model.bsfin.complex_to_real": "magnitude",
+                                        "model.bsfin.memory_dim": 48}],
                          ids=["quantum-relative", "classical-global-magnitude"])
 def test_a_prediction_depends_only_on_earlier_bytes(extra):
     """Changing byte j changes no prediction at a position before j (logits at i predict byte
