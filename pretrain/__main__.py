@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .trainer import EXIT_DIVERGED, TrainingDiverged
 
+    if args.verb == "bench":
+        from .bench.provenance import busy_warning
+        warning = busy_warning()
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     try:
         if args.verb == "bench" and args.what == "attention":
             from .bench import attention

@@ -237,3 +237,15 @@ def test_a_runs_hash_ignores_other_families_settings():
     assert config_hash(load_config(mistral)) == config_hash(load_config(mistral, ["model.him.chunk_size=32"]))
     assert config_hash(load_config(him)) != config_hash(load_config(him, ["model.him.chunk_size=32"]))
     assert config_hash(load_config(mistral)) != config_hash(load_config(mistral, ["optim.lr=1e-3"]))
+
+
+def test_benchmarks_warn_when_the_machine_is_busy(monkeypatch):
+    import os
+
+    from pretrain.bench import provenance
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    assert "load average" in provenance.busy_warning()
+    assert provenance.hardware()["load_average_1min"] == 2.0 * (os.cpu_count() or 1)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert provenance.busy_warning() is None

@@ -23,7 +23,19 @@ def hardware() -> dict:
 
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def busy_warning() -> str | None:
+    """A warning when other processes already load the CPUs: timings taken now are off, and
+    torch's worker threads spin against them (seen here: a 2-thread forward 100x slower)."""
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load < 0.75 * cpus:
+        return None
+    return (f"warning: the 1-minute load average is {load:.1f} on {cpus} CPUs: other processes are using "
+            "the machine, so speed and memory numbers measured now will be off")
 
 
 def describe(hw: dict) -> str:
