@@ -118,7 +118,7 @@ def test_multispeed_groups_onecycle_and_lion():
     assert factor(100) == pytest.approx(1 / 25 / 1000)
     assert all(factor(s) <= factor(s + 1) for s in range(10)) and all(factor(s) >= factor(s + 1) for s in range(10, 100))
     with pytest.raises(ConfigError, match="optim.name"):
-        him_config(**{"optim.name": "sgd"})
+        him_config(**{"optim.name": "rmsprop"})
 
 
 def test_int8_quantization_stays_close_to_the_float_model():
