@@ -32,6 +32,7 @@ from kernels.rmsnorm import rmsnorm_reference
 from pretrain.config import ModelConfig, ParallelConfig
 
 from . import mistral
+from .attention import causal_attention
 
 
 def blocks(weight: torch.Tensor, count: int) -> torch.Tensor:
@@ -104,9 +105,7 @@ class NestedLayer(nn.Module):
         q = _rope(self._heads(_linear(a, self.wq, count), self.heads), self.theta)
         k = _rope(self._heads(_linear(a, self.wk, count), self.groups), self.theta)
         v = self._heads(_linear(a, self.wv, count), self.groups)
-        if self.groups != self.heads:  # expanded: SDPA's enable_gqa takes the slow math path on CPU
-            k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = causal_attention(q, k, v)
         o = o.view(m, b, self.heads, s, -1).permute(0, 1, 3, 4, 2).reshape(m, b, s, -1)
         x = x + _linear(o, self.wo, count)
         n = _norm(x, self.mlp_norm, count, self.eps)
