@@ -33,6 +33,8 @@ from torch import nn
 from kernels.cross_entropy import cross_entropy
 from pretrain.config import ModelConfig, ParallelConfig
 
+from .attention import causal_attention
+
 # The design's parameter table (him.md), rows as printed there. Its rows do not add up to its
 # total (and 30,000 x 160 is 4,800,000, not 5,120,000); the total is what the tests hold us to.
 DESIGN_TABLE = {"embedding": 5_120_000, "attention": 640_000, "ffn": 1_024_000, "memory_interface": 51_200,
@@ -65,8 +67,10 @@ class GQAttention(nn.Module):
         source = x if memory is None else memory.expand(b, -1, -1)
         q = self.q(x).view(b, s, self.heads, self.dim).transpose(1, 2)
         k, v = (f(source).view(b, -1, self.groups, self.dim).transpose(1, 2) for f in (self.k, self.v))
-        k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=memory is None)
+        if memory is None:
+            o = causal_attention(q, k, v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.heads != self.groups)
         return self.o(o.transpose(1, 2).reshape(b, s, -1))
 
 
