@@ -13,7 +13,8 @@ recomputed. Measured fwd + bwd against SDPA's flash kernel on the 2-core machine
 
 The cost is memory: the probabilities, ``b * heads * s * (s + block) / 2`` values per layer, are
 saved for the backward where flash saves O(s). ``use_block_causal`` therefore takes this path only
-on CPU, in fp32/fp64, up to ``MAX_SEQ`` positions; ``model.kernels=reference`` turns it off (SDPA).
+on CPU, in fp32/fp64, up to ``MAX_SEQ`` positions and ``MAX_PROB_BYTES`` of probabilities per call;
+``model.kernels=reference`` turns it off (SDPA).
 The reference it is tested against is ``model.attention.causal_attention(..., backend="reference")``.
 """
 from __future__ import annotations
@@ -27,11 +28,14 @@ from . import dispatch
 
 BLOCK = 32      # query positions per block: fastest at head dims 32-64 on the CPUs measured
 MAX_SEQ = 512   # measured: at 1024 flash is as fast, and it keeps O(s) memory
+MAX_PROB_BYTES = 256 * 2**20  # per call (per layer); a larger batch x heads falls back to flash
 
 
 def use_block_causal(q: torch.Tensor) -> bool:
+    b, h, s, _ = q.shape
     return (dispatch.mode() != "reference" and q.device.type == "cpu"
-            and q.dtype in (torch.float32, torch.float64) and q.shape[-2] <= MAX_SEQ)
+            and q.dtype in (torch.float32, torch.float64) and s <= MAX_SEQ
+            and _prob_count(b, h, s, BLOCK) * q.element_size() <= MAX_PROB_BYTES)
 
 
 def _block_count(s: int, block: int) -> int:

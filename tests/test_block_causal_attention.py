@@ -87,5 +87,10 @@ def test_causal_attention_takes_it_only_where_it_is_meant_to(monkeypatch):
         assert not used(q, k, v)                       # model.kernels=reference: plain SDPA
     finally:
         dispatch.set_mode("auto")
+    prob_bytes = bca._prob_count(2, 4, 24, bca.BLOCK) * 4
+    monkeypatch.setattr(bca, "MAX_PROB_BYTES", prob_bytes)
+    assert used(q, k, v)                               # probabilities within the memory cap
+    monkeypatch.setattr(bca, "MAX_PROB_BYTES", prob_bytes - 1)
+    assert not used(q, k, v)                           # over it
     monkeypatch.setattr(bca, "MAX_SEQ", 16)
     assert not used(q, k, v)                           # longer than MAX_SEQ: O(s) memory wins
