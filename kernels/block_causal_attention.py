@@ -1,4 +1,5 @@
-"""Causal GQA attention for CPU training at short sequences: batched matmuls over query blocks.
+"""Causal (optionally sliding-window) GQA attention for CPU training at short sequences: batched
+matmuls over query blocks.
 
 Why our own: PyTorch's CPU flash-attention kernel (what SDPA runs on CPU, for us and for
 transformers) multiplies one (batch, head, 64-query block) at a time, and with head dims of 32-64
@@ -10,8 +11,12 @@ matrix is computed), and the softmax probabilities are kept for the backward ins
 recomputed. Measured fwd + bwd against SDPA's flash kernel on the 2-core machine (fp32, 8 query /
 2 KV heads, 2026-11-24): 10% less time at s = 128, 23% (head dim 32) and 35% (64) at s = 256,
 37% at s = 512; at s = 1024 no gain at head dim 32 (the probabilities stop fitting in cache).
+With Mistral's sliding window a block multiplies only the keys its queries can see (the window
+before it and itself); against SDPA with the window as a mask (flash): 40% less at s = 256,
+window 128, batch 16.
 
-The cost is memory: the probabilities, ``b * heads * s * (s + block) / 2`` values per layer, are
+The cost is memory: the probabilities, ``b * heads * s * (s + block) / 2`` values per layer
+(fewer with a window), are
 saved for the backward where flash saves O(s). ``use_block_causal`` therefore takes this path only
 on CPU, in fp32/fp64, up to ``MAX_SEQ`` positions and ``MAX_PROB_BYTES`` of probabilities per call;
 ``model.kernels=reference`` turns it off (SDPA).
@@ -31,32 +36,61 @@ MAX_SEQ = 512   # measured: at 1024 flash is as fast, and it keeps O(s) memory
 MAX_PROB_BYTES = 256 * 2**20  # per call (per layer); a larger batch x heads falls back to flash
 
 
-def use_block_causal(q: torch.Tensor) -> bool:
+def use_block_causal(q: torch.Tensor, window: int = 0) -> bool:
     b, h, s, _ = q.shape
     return (dispatch.mode() != "reference" and q.device.type == "cpu"
             and q.dtype in (torch.float32, torch.float64) and s <= MAX_SEQ
-            and _prob_count(b, h, s, BLOCK) * q.element_size() <= MAX_PROB_BYTES)
+            and _prob_count(b, h, s, BLOCK, window) * q.element_size() <= MAX_PROB_BYTES)
 
 
 def _block_count(s: int, block: int) -> int:
     return -(-s // block)
 
 
-def _prob_count(b: int, h: int, s: int, block: int) -> int:
-    """Probabilities kept per call: query block i has ``(i + 1) * block`` keys."""
-    nb = _block_count(s, block)
-    return b * h * block * block * nb * (nb + 1) // 2
+def _spans(s: int, block: int, window: int) -> list[tuple[int, int, int]]:
+    """(first query, end, first key) of each query block: its keys are ``[first key, end)``, all
+    earlier positions, or the last ``window`` - 1 before the block and the block itself."""
+    spans = []
+    for start in range(0, _block_count(s, block) * block, block):
+        spans.append((start, start + block, max(0, start - window + 1) if window > 0 else 0))
+    return spans
 
 
-def _prob_views(flat: torch.Tensor, bg: int, rows: int, nb: int, block: int) -> list[torch.Tensor]:
-    """Query block i's probabilities ``[b*g, r*block, (i+1)*block]`` as views of one flat buffer
+def _prob_count(b: int, h: int, s: int, block: int, window: int) -> int:
+    """Probabilities kept per call: ``block`` rows per query head and block, one per key."""
+    return sum(b * h * block * (end - lo) for _, end, lo in _spans(s, block, window))
+
+
+def _prob_views(flat: torch.Tensor, bg: int, rows: int, spans) -> list[torch.Tensor]:
+    """Each query block's probabilities ``[b*g, r*block, keys]`` as views of one flat buffer
     (the op returns plain tensors: inductor's C++ wrapper takes no lists)."""
     views, offset = [], 0
-    for i in range(nb):
-        size = bg * rows * (i + 1) * block
-        views.append(flat[offset:offset + size].view(bg, rows, (i + 1) * block))
+    for _, end, lo in spans:
+        size = bg * rows * (end - lo)
+        views.append(flat[offset:offset + size].view(bg, rows, end - lo))
         offset += size
     return views
+
+
+@lru_cache(maxsize=64)
+def _too_far(n: int, columns: int, shift: int, device: str) -> torch.Tensor:
+    """True where key column j is ``window`` or more behind query row a: j <= a + shift."""
+    a = torch.arange(n, device=device)[:, None]
+    return torch.arange(columns, device=device)[None, :] <= a + shift
+
+
+def _mask(scores: torch.Tensor, rows: int, block: int, start: int, lo: int, window: int) -> None:
+    """-inf, in place, on a block's future keys (the last ``block`` columns, above the diagonal)
+    and, with a window, on keys ``window`` or more behind (only the first columns can be)."""
+    bg, _, keys = scores.shape
+    view = scores.view(bg, rows // block, block, keys)
+    view[..., keys - block:].masked_fill_(_future(block, str(scores.device)), float("-inf"))
+    if window > 0:
+        # query start + a sees key lo + j only if j > a + (start - lo) - window
+        columns = min(keys, start - lo + block - window)
+        if columns > 0:
+            view[..., :columns].masked_fill_(
+                _too_far(block, columns, start - lo - window, str(scores.device)), float("-inf"))
 
 
 @lru_cache(maxsize=16)
@@ -101,81 +135,80 @@ def _keys(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("fractal::block_causal_attention", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
+             window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out ``[b, h, s, d]``, every query block's softmax probabilities, flat)."""
     b, h, s, d = q.shape
     g = k.shape[1]
     qb, kf, vf = _to_blocks(q, g, block, d ** -0.5), _keys(k, block), _keys(v, block)
-    nb, bg, rows, _ = qb.shape
+    _, bg, rows, _ = qb.shape
+    spans = _spans(s, block, window)
     out = torch.empty_like(qb)
-    flat = q.new_empty(_prob_count(b, h, s, block))
-    for i, p in enumerate(_prob_views(flat, bg, rows, nb, block)):
-        end = (i + 1) * block
-        scores = torch.bmm(qb[i], kf[:, :end].transpose(1, 2))
-        scores.view(bg, h // g, block, end)[..., i * block:].masked_fill_(
-            _future(block, str(q.device)), float("-inf"))
+    flat = q.new_empty(_prob_count(b, h, s, block, window))
+    for i, ((start, end, lo), p) in enumerate(zip(spans, _prob_views(flat, bg, rows, spans))):
+        scores = torch.bmm(qb[i], kf[:, lo:end].transpose(1, 2))
+        _mask(scores, rows, block, start, lo, window)
         torch.softmax(scores, dim=-1, out=p)
-        torch.bmm(p, vf[:, :end], out=out[i])
+        torch.bmm(p, vf[:, lo:end], out=out[i])
     return _from_blocks(out, b, s, block), flat
 
 
 @_forward.register_fake
-def _(q, k, v, block):
+def _(q, k, v, block, window):
     b, h, s, d = q.shape
-    return q.new_empty(b, h, s, d), q.new_empty(_prob_count(b, h, s, block))
+    return q.new_empty(b, h, s, d), q.new_empty(_prob_count(b, h, s, block, window))
 
 
 @torch.library.custom_op("fractal::block_causal_attention_backward", mutates_args=())
 def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              probs: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              probs: torch.Tensor, block: int,
+              window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, s, d = q.shape
     g = k.shape[1]
     qb, kf, vf = _to_blocks(q, g, block, d ** -0.5), _keys(k, block), _keys(v, block)
     grad_b = _to_blocks(grad, g, block)
-    nb, bg, rows, _ = qb.shape
+    _, bg, rows, _ = qb.shape
+    spans = _spans(s, block, window)
     dq = torch.empty_like(qb)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-    for i, p in enumerate(_prob_views(probs, bg, rows, nb, block)):
-        end = (i + 1) * block
-        dv[:, :end] += torch.bmm(p.transpose(1, 2), grad_b[i])
+    for i, ((_, end, lo), p) in enumerate(zip(spans, _prob_views(probs, bg, rows, spans))):
+        dv[:, lo:end] += torch.bmm(p.transpose(1, 2), grad_b[i])
         # softmax backward: p * (dp - rowsum(dp * p)), one kernel; masked entries have p = 0
-        d_scores = torch._softmax_backward_data(torch.bmm(grad_b[i], vf[:, :end].transpose(1, 2)),
+        d_scores = torch._softmax_backward_data(torch.bmm(grad_b[i], vf[:, lo:end].transpose(1, 2)),
                                                 p, -1, p.dtype)
-        torch.bmm(d_scores, kf[:, :end], out=dq[i])
-        dk[:, :end] += torch.bmm(d_scores.transpose(1, 2), qb[i])
+        torch.bmm(d_scores, kf[:, lo:end], out=dq[i])
+        dk[:, lo:end] += torch.bmm(d_scores.transpose(1, 2), qb[i])
     return (_from_blocks(dq, b, s, block, d ** -0.5),
             dk.view(b, g, -1, d)[:, :, :s].contiguous(), dv.view(b, g, -1, d)[:, :, :s].contiguous())
 
 
 @_backward.register_fake
-def _(grad, q, k, v, probs, block):
+def _(grad, q, k, v, probs, block, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block = inputs
-    ctx.block = block
+    q, k, v, block, window = inputs
+    ctx.block, ctx.window = block, window
     ctx.save_for_backward(q, k, v, output[1])
     ctx.set_materialize_grads(False)  # the probabilities get no gradient: do not zero-fill one
 
 
-
-
 def _autograd_backward(ctx, grad_out, grad_probs):
     if grad_out is None:
-        return None, None, None, None
+        return None, None, None, None, None
     q, k, v, probs = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, q, k, v, probs, ctx.block)
-    return dq, dk, dv, None
+    dq, dk, dv = _backward(grad_out, q, k, v, probs, ctx.block, ctx.window)
+    return dq, dk, dv, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0,
                            block: int = BLOCK) -> torch.Tensor:
-    """Full causal attention, q ``[b, h, s, d]``, k/v ``[b, g, s, d]`` (h % g == 0) -> ``[b, h, s, d]``."""
+    """Causal attention, q ``[b, h, s, d]``, k/v ``[b, g, s, d]`` (h % g == 0) -> ``[b, h, s, d]``;
+    ``window`` > 0: query i sees keys i - window < j <= i (Mistral's sliding window)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
-    return _forward(q, k, v, block)[0]
+    return _forward(q, k, v, block, max(window, 0))[0]

@@ -45,9 +45,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    if backend != "reference" and blocked is None and use_block_causal(q, window if windowed else 0):
+        # CPU: faster than SDPA's flash kernel (kernels/block_causal_attention.py)
+        return block_causal_attention(q, k, v, window if windowed else 0)
     gqa = q.shape[1] != k.shape[1]
-    if allowed is None and use_block_causal(q):
-        return block_causal_attention(q, k, v)  # CPU training: faster than SDPA's flash kernel
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)

@@ -13,17 +13,20 @@ def megatron_layout(b: int, heads: int, s: int, d: int, gen, dtype=torch.float32
     return torch.randn(s, b, heads, d, generator=gen, dtype=dtype).permute(1, 2, 0, 3).requires_grad_()
 
 
-@pytest.mark.parametrize("heads, groups, s, block", [
-    (4, 2, 70, 32),   # GQA, three blocks, the last one ragged
-    (3, 3, 33, 16),   # no GQA, ragged
-    (8, 1, 5, 32),    # one KV head, shorter than a block
-    (2, 2, 64, 16),   # a multiple of the block
+@pytest.mark.parametrize("heads, groups, s, block, window", [
+    (4, 2, 70, 32, 0),   # GQA, three blocks, the last one ragged
+    (3, 3, 33, 16, 0),   # no GQA, ragged
+    (8, 1, 5, 32, 0),    # one KV head, shorter than a block
+    (2, 2, 64, 16, 0),   # a multiple of the block
+    (4, 2, 70, 16, 24),  # sliding window longer than a block, not a multiple of it
+    (4, 2, 70, 16, 5),   # window shorter than a block
+    (2, 1, 40, 16, 16),  # window of exactly one block
 ])
-def test_matches_the_reference_values_and_gradients(heads, groups, s, block):
+def test_matches_the_reference_values_and_gradients(heads, groups, s, block, window):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (megatron_layout(2, n, s, 8, gen) for n in (heads, groups, groups))
-    ours = bca.block_causal_attention(q, k, v, block)
-    ref = attention.causal_attention(q, k, v, backend="reference")
+    ours = bca.block_causal_attention(q, k, v, window, block)
+    ref = attention.causal_attention(q, k, v, window, backend="reference")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn(ours.shape, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad),
@@ -34,14 +37,17 @@ def test_matches_the_reference_values_and_gradients(heads, groups, s, block):
 def test_gradients_are_exact_in_float64():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (megatron_layout(1, n, 9, 4, gen, torch.float64) for n in (4, 2, 2))
-    assert torch.autograd.gradcheck(lambda q, k, v: bca.block_causal_attention(q, k, v, 4), (q, k, v))
+    for window in (0, 6):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: bca.block_causal_attention(q, k, v, window, block=4), (q, k, v))
 
 
 def test_the_op_registration_is_consistent():
     """Fake (meta) outputs, schema and autograd registration agree with the real op."""
     gen = torch.Generator().manual_seed(2)
     q, k, v = (megatron_layout(2, n, 40, 8, gen) for n in (4, 2, 2))
-    torch.library.opcheck(bca._forward, (q, k, v, 16))
+    for window in (0, 20):
+        torch.library.opcheck(bca._forward, (q, k, v, 16, window))
 
 
 def test_compiled_with_the_cpp_wrapper_matches_eager():
@@ -53,7 +59,7 @@ def test_compiled_with_the_cpp_wrapper_matches_eager():
     q, k, v = (megatron_layout(2, n, 45, 8, gen) for n in (4, 2, 2))
 
     def loss(q, k, v):
-        return (bca.block_causal_attention(q * 2, k, v, 16) ** 2).sum()
+        return (bca.block_causal_attention(q * 2, k, v, 20, 16) ** 2).sum()
 
     torch._dynamo.reset()
     with inductor_config.patch(cpp_wrapper=True):
@@ -79,7 +85,7 @@ def test_causal_attention_takes_it_only_where_it_is_meant_to(monkeypatch):
         return bool(calls)
 
     assert used(q, k, v)                               # CPU, fp32, full causal
-    assert not used(q, k, v, window=8)                 # sliding window: SDPA with a mask
+    assert used(q, k, v, window=8)                     # or a sliding window
     assert not used(q, k, v, blocked=blocked)          # documents masked: SDPA with a mask
     assert not used(q.bfloat16(), k.bfloat16(), v.bfloat16())  # low precision: flash's fp32 sums
     dispatch.set_mode("reference")
@@ -87,7 +93,7 @@ def test_causal_attention_takes_it_only_where_it_is_meant_to(monkeypatch):
         assert not used(q, k, v)                       # model.kernels=reference: plain SDPA
     finally:
         dispatch.set_mode("auto")
-    prob_bytes = bca._prob_count(2, 4, 24, bca.BLOCK) * 4
+    prob_bytes = bca._prob_count(2, 4, 24, bca.BLOCK, 0) * 4
     monkeypatch.setattr(bca, "MAX_PROB_BYTES", prob_bytes)
     assert used(q, k, v)                               # probabilities within the memory cap
     monkeypatch.setattr(bca, "MAX_PROB_BYTES", prob_bytes - 1)
