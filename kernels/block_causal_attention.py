@@ -15,11 +15,10 @@ With Mistral's sliding window a block multiplies only the keys its queries can s
 before it and itself); against SDPA with the window as a mask (flash): 40% less at s = 256,
 window 128, batch 16.
 
-The cost is memory: the probabilities, ``b * heads * s * (s + block) / 2`` values per layer
-(fewer with a window), are
-saved for the backward where flash saves O(s). ``use_block_causal`` therefore takes this path only
-on CPU, in fp32/fp64, up to ``MAX_SEQ`` positions and ``MAX_PROB_BYTES`` of probabilities per call;
-``model.kernels=reference`` turns it off (SDPA).
+The cost is memory: the probabilities, ``b * heads * s * (s + block) / 2`` values per layer (fewer
+with a window), are saved for the backward where flash saves O(s). ``use_block_causal`` therefore
+takes this path only on CPU, in fp32/fp64, up to ``MAX_SEQ`` positions and ``MAX_PROB_BYTES`` of
+probabilities per call; ``model.kernels=reference`` turns it off (SDPA).
 The reference it is tested against is ``model.attention.causal_attention(..., backend="reference")``.
 """
 from __future__ import annotations
