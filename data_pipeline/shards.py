@@ -47,7 +47,8 @@ class ShardSetWriter:
         name = f"{self.prefix}-{len(self.shards):05d}.tar"
         self._current = {"name": name, "documents": 0, "tokens": 0, "bytes": 0,
                          "tokenizer": self.fingerprint}
-        self._writer = wds.TarWriter(str(self.out_dir / name))
+        # mtime fixed: the same documents give byte-identical shards (and manifest hashes)
+        self._writer = wds.TarWriter(str(self.out_dir / name), mtime=0)
 
     def _close(self) -> None:
         if self._writer is None:

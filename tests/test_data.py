@@ -69,6 +69,13 @@ def test_split_is_deterministic_and_by_group():
     assert split_by_group(docs, 0.2, seed=4)["val"] != a["val"]
 
 
+def test_prepare_is_byte_reproducible(tmp_path, text_corpus):
+    first = prepare(str(text_corpus), tmp_path / "a", val_fraction=0.25, shard_mb=0.004, log=lambda *_: None)
+    second = prepare(str(text_corpus), tmp_path / "b", val_fraction=0.25, shard_mb=0.004, log=lambda *_: None)
+    assert first["splits"]["train"]["shards"] == second["splits"]["train"]["shards"]
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
 def test_exact_duplicates_are_removed(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
