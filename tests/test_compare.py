@@ -249,3 +249,23 @@ def test_benchmarks_warn_when_the_machine_is_busy(monkeypatch):
     assert provenance.hardware()["load_average_1min"] == 2.0 * (os.cpu_count() or 1)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert provenance.busy_warning() is None
+
+
+def test_run_hash_and_report_name_the_dataset(tmp_path, text_corpus):
+    """A dataset re-prepared differently at the same path is other data: finished runs on the old
+    one must not be reused, and reports say which data they used."""
+    from data_pipeline.prepare import prepare
+    from pretrain.bench import provenance
+    from pretrain.bench.compare import config_hash
+    from pretrain.config import load_config
+
+    data = tmp_path / "data"
+    prepare(str(text_corpus), data, val_fraction=0.25, shard_mb=0.004, log=lambda *_: None)
+    cfg = load_config(None, [f"data.path={data}"])
+    first, described = config_hash(cfg), provenance.dataset(data)
+    assert described["manifest_sha256"] == provenance.dataset_digest(data)
+    assert sum(described["documents"].values()) > 0
+    prepare(str(text_corpus), data, val_fraction=0.5, shard_mb=0.004, overwrite=True, log=lambda *_: None)
+    assert config_hash(cfg) != first
+    assert provenance.dataset(data)["manifest_sha256"] != described["manifest_sha256"]
+    assert "manifest" in provenance.describe_dataset(described)

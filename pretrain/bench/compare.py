@@ -32,13 +32,15 @@ FAMILY_SECTIONS = {"fim": "fim_mistral", "fractal_mamba": "fractal_mamba", "frac
 
 def config_hash(cfg: RunConfig) -> str:
     """What determines a run's results: everything but where it writes, how it logs and the
-    settings of other model families (so adding a family's keys keeps earlier runs reusable)."""
+    settings of other model families (so adding a family's keys keeps earlier runs reusable),
+    plus the dataset's manifest digest (the same path re-prepared differently is other data)."""
     tree = cfg.to_dict()
     tree["train"].pop("run_dir")
     tree.pop("log")
     for section, family in FAMILY_SECTIONS.items():
         if cfg.model.name != family:
             tree["model"].pop(section)
+    tree["data"]["manifest_sha256"] = provenance.dataset_digest(cfg.data.path)
     return hashlib.sha256(yaml.safe_dump(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -141,7 +143,7 @@ def aggregate(name: str, config_path: str, cfg: RunConfig, runs: list[dict]) -> 
     family = get_family(cfg.model.name)
     saved = load_config(Path(runs[0]["run_dir"]) / "config.yaml")  # vocabulary resolved
     flops = family.training_flops_per_token(saved.model)
-    arm = {"name": name, "config": config_path, "model": cfg.model.name,
+    arm = {"name": name, "config": config_path, "model": cfg.model.name, "data_path": cfg.data.path,
            "params": family.parameter_count(saved.model), "flops_per_token": flops,
            "training_flops": flops * runs[0]["tokens"], "runs": runs}
     for key in ("bpb", "seconds_per_token", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"):
@@ -190,6 +192,7 @@ def run(baseline: str, variants: list[str], seeds: int, tokens: int, out: str, o
                                 max_n=attention_max_n, shape=shape, fit_range=attention_fit)
     results = {"benchmark": "compare", "command": command, "commit": provenance.commit(),
                "date": provenance.utc_now(), "hardware": provenance.hardware(),
+               "datasets": {name: provenance.dataset(arm["data_path"]) for name, arm in arms.items()},
                "baseline": base, "variants": names[1:], "claims_arm": claims_arm, "seeds": seeds,
                "tokens": tokens, "contexts": contexts, "arms": arms, "attention": scaling}
     results["claims"] = stats.claim_verdicts(results) if claims_arm is not None else []

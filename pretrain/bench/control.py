@@ -139,7 +139,8 @@ def run(tune_config: str, seeds: int, out: str, runs_dir: str, heldout_batches: 
         arms[name]["welch_heldout"] = stats.welch(arms[name]["heldout_bpb"]["values"],
                                                   arms["schedule"]["heldout_bpb"]["values"])
     results = {"benchmark": "control", "command": command, "commit": provenance.commit(),
-               "date": provenance.utc_now(), "hardware": provenance.hardware(), "tune_config": tune_config,
+               "date": provenance.utc_now(), "hardware": provenance.hardware(),
+               "dataset": provenance.dataset(base.data.path), "tune_config": tune_config,
                "model": base.model.name, "seeds": seeds, "steps": steps, "tokens_per_model": tokens,
                "pbt_population": spec.num_samples, "pbt_interval": spec.scheduler.perturbation_interval, "selection_batches": skip,
                "heldout_batches": heldout_batches, "lr": base.optim.lr, "min_lr": base.optim.min_lr,

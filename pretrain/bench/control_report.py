@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .provenance import describe
+from .provenance import describe, describe_dataset
 from .stats import ALPHA
 
 LABELS = {"schedule": "warmup-cosine schedule", "qcontrol": "Q-learning controller", "pbt": "PBT (best of population)"}
@@ -69,6 +69,7 @@ def write_report(results: dict, out_dir: Path) -> None:
         f"- Model: `{results['model']}` from `{results['tune_config']}` (base config and overrides); "
         f"{results['steps']} steps = {results['tokens_per_model']:,} training tokens per model, "
         f"{results['seeds']} seeds; a seed gives every arm the same batches.",
+        *([f"- Data: {describe_dataset(results['dataset'])}"] if "dataset" in results else []),
         f"- Schedule: peak LR {results['lr']:g}, {results['warmup_steps']} warm-up steps, cosine to "
         f"{results['min_lr']:g}.",
         f"- Q-learning controller: the same schedule times a factor in [{q['lr_scale_min']:g}, "

@@ -1,6 +1,9 @@
-"""What every benchmark records beside its numbers: the code's commit, the machine, the date."""
+"""What every benchmark records beside its numbers: the code's commit, the machine, the date, the
+dataset."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -36,6 +39,29 @@ def busy_warning() -> str | None:
         return None
     return (f"warning: the 1-minute load average is {load:.1f} on {cpus} CPUs: other processes are using "
             "the machine, so speed and memory numbers measured now will be off")
+
+
+def dataset_digest(path: str | Path) -> str | None:
+    """The first 12 hex digits of the dataset's manifest.json sha256 (shards are byte-reproducible,
+    so this names the data); None without a manifest."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+
+
+def dataset(path: str | Path) -> dict:
+    """Which data a benchmark trained and evaluated on: path, manifest digest, documents per split."""
+    manifest = Path(path) / "manifest.json"
+    splits = {}
+    if manifest.is_file():
+        splits = {name: split.get("documents") for name, split in json.loads(manifest.read_text())["splits"].items()}
+    return {"path": str(path), "manifest_sha256": dataset_digest(path), "documents": splits}
+
+
+def describe_dataset(data: dict) -> str:
+    docs = ", ".join(f"{n} {split}" for split, n in data["documents"].items())
+    return f"`{data['path']}` (manifest {data['manifest_sha256'] or 'missing'}; documents: {docs or '?'})"
 
 
 def describe(hw: dict) -> str:

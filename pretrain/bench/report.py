@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .provenance import describe
+from .provenance import describe, describe_dataset
 
 
 def _pm(summary: dict, fmt: str) -> str:
@@ -86,6 +86,7 @@ def render(results: dict) -> str:
              "## Setup", "",
              f"- Command: `{results['command']}`",
              f"- Commit `{results['commit']}`, {results['date']}; hardware: {describe(hw)}",
+             *[f"- Data: {d}" for d in sorted({describe_dataset(v) for v in results.get("datasets", {}).values()})],
              f"- Budget: {results['tokens']:,} training tokens per run requested (whole steps: trained "
              "tokens below), "
              f"{results['seeds']} seeds per arm; "
