@@ -30,10 +30,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
     ``window`` <= 0 or >= s means full causal attention. ``blocked`` (bool, broadcastable to
     ``[b, 1, s, s]``, True = may not attend) adds masking on top, e.g. across documents.
-    ``backend="reference"`` is the plain softmax(QK^T) formulation tests compare SDPA against.
+    ``backend="reference"`` is the plain softmax(QK^T) formulation tests compare the fast paths
+    (the CPU block-causal op, SDPA) against.
     """
     s = q.shape[-2]
     windowed = 0 < window < s
+    if backend != "reference" and blocked is None and use_block_causal(q, window if windowed else 0):
+        # CPU: faster than SDPA's flash kernel (kernels/block_causal_attention.py)
+        return block_causal_attention(q, k, v, window if windowed else 0)
     allowed = None
     if windowed or blocked is not None or backend == "reference":
         allowed = sliding_window_mask(s, window if windowed else s, str(q.device))
@@ -45,9 +49,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~allowed, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
-    if backend != "reference" and blocked is None and use_block_causal(q, window if windowed else 0):
-        # CPU: faster than SDPA's flash kernel (kernels/block_causal_attention.py)
-        return block_causal_attention(q, k, v, window if windowed else 0)
     gqa = q.shape[1] != k.shape[1]
     if allowed is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
