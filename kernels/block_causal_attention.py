@@ -71,6 +71,12 @@ def _prob_views(flat: torch.Tensor, bg: int, rows: int, spans) -> list[torch.Ten
     return views
 
 
+@lru_cache(maxsize=16)
+def _future(n: int, device: str) -> torch.Tensor:
+    """True above the diagonal of a query block's own keys."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
 @lru_cache(maxsize=64)
 def _too_far(n: int, columns: int, shift: int, device: str) -> torch.Tensor:
     """True where key column j is ``window`` or more behind query row a: j <= a + shift."""
@@ -90,12 +96,6 @@ def _mask(scores: torch.Tensor, rows: int, block: int, start: int, lo: int, wind
         if columns > 0:
             view[..., :columns].masked_fill_(
                 _too_far(block, columns, start - lo - window, str(scores.device)), float("-inf"))
-
-
-@lru_cache(maxsize=16)
-def _future(n: int, device: str) -> torch.Tensor:
-    """True above the diagonal of a query block's own keys."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
 
 
 def _padded(x: torch.Tensor, block: int) -> torch.Tensor:

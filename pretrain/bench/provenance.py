@@ -45,18 +45,21 @@ def dataset_digest(path: str | Path) -> str | None:
     """The first 12 hex digits of the dataset's manifest.json sha256 (shards are byte-reproducible,
     so this names the data); None without a manifest."""
     manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+    return _digest(manifest.read_bytes()) if manifest.is_file() else None
+
+
+def _digest(manifest_bytes: bytes) -> str:
+    return hashlib.sha256(manifest_bytes).hexdigest()[:12]
 
 
 def dataset(path: str | Path) -> dict:
     """Which data a benchmark trained and evaluated on: path, manifest digest, documents per split."""
     manifest = Path(path) / "manifest.json"
-    splits = {}
-    if manifest.is_file():
-        splits = {name: split.get("documents") for name, split in json.loads(manifest.read_text())["splits"].items()}
-    return {"path": str(path), "manifest_sha256": dataset_digest(path), "documents": splits}
+    if not manifest.is_file():
+        return {"path": str(path), "manifest_sha256": None, "documents": {}}
+    raw = manifest.read_bytes()
+    splits = {name: split.get("documents") for name, split in json.loads(raw)["splits"].items()}
+    return {"path": str(path), "manifest_sha256": _digest(raw), "documents": splits}
 
 
 def describe_dataset(data: dict) -> str:
