@@ -43,25 +43,25 @@ def _online_softmax(m_i, l_i, acc, s, v, DOT: tl.constexpr):
 
 
 @triton.jit
-def _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, kv_base, block, dim, cols, d):
-    """Offsets of routed block ``r`` of leaf block ``c``, and whether the slot is in use (as a
-    block: the interpreter masks with blocks, not scalars)."""
+def _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, block, dim, cols, d):
+    """Offsets (in the program's key/value group) of routed block ``r`` of leaf block ``c``, and
+    whether the slot is in use (as a block: the interpreter masks with blocks, not scalars)."""
     ok = (cols * 0 + tl.load(route_ok_ptr + c * top_k + r).to(tl.int32)) != 0
-    u = tl.load(route_ptr + (bg * n_blocks + c) * top_k + r)
-    return kv_base + (u * block + cols[:, None]) * dim + d[None, :], ok
+    u = tl.load(route_ptr + (bg * n_blocks + c) * top_k + r).to(tl.int32)
+    return (u * block + cols[:, None]) * dim + d[None, :], ok
 
 
 @triton.jit
-def _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, bg, c, n_slots, n_units, dim, d, d_ok,
+def _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, c, n_slots, dim, d, d_ok,
                   BLOCK_S: tl.constexpr):
-    """Offsets into the pooled keys of leaf block ``c``'s earlier siblings (all levels), which
-    slots are in use, and each slot's log-span bias."""
+    """Offsets (in the program's group) of the pooled keys of leaf block ``c``'s earlier
+    siblings (all levels), which slots are in use, and each slot's log-span bias."""
     sl = tl.arange(0, BLOCK_S)
     sl_in = sl < n_slots
     slot_ok = tl.load(slot_ok_ptr + c * n_slots + sl, mask=sl_in, other=0) != 0
-    unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0)
+    unit = tl.load(slot_ptr + c * n_slots + sl, mask=sl_in, other=0).to(tl.int32)
     bias = tl.load(bias_ptr + sl, mask=sl_in, other=0.0)
-    offs = bg.to(tl.int64) * n_units * dim + unit[:, None] * dim + d[None, :]
+    offs = unit[:, None] * dim + d[None, :]
     return offs, slot_ok[:, None] & d_ok[None, :], slot_ok, bias
 
 
@@ -79,38 +79,44 @@ def _fim_fwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     d = tl.arange(0, BLOCK_D)
     d_ok = d < dim
     row_ok = rows < block
-    q_offs = (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :]
+    # 64-bit scalar bases for this program's head and group, 32-bit offsets within them (tiles
+    # of 64-bit offsets cost registers; the backward spilled with them)
+    q_base, kv_base, pooled_base = (bh.to(tl.int64) * n_pos * dim, bg.to(tl.int64) * n_pos * dim,
+                                    bg.to(tl.int64) * n_units * dim)
+    q_ptr, o_ptr, k_ptr, v_ptr = q_ptr + q_base, o_ptr + q_base, k_ptr + kv_base, v_ptr + kv_base
+    pk_ptr, pv_ptr = pk_ptr + pooled_base, pv_ptr + pooled_base
+    q_offs = (c * block + rows[:, None]) * dim + d[None, :]
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
-    kv_base = bg.to(tl.int64) * n_pos * dim
     key_ok = (cols < block)[:, None] & d_ok[None, :]
     m_i = tl.full([BLOCK_B], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
 
     # 1. local: the block's own keys, causally
-    offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
+    offs = (c * block + cols[:, None]) * dim + d[None, :]
     s = _dot(q, tl.trans(tl.load(k_ptr + offs, mask=key_ok, other=0.0)), DOT) * scale
     s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < block), s, -float("inf"))
     m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s,
                                     tl.load(v_ptr + offs, mask=key_ok, other=0.0), DOT)
     # 2. routed: whole earlier blocks chosen for this (batch, group, block)
     for r in range(0, top_k):
-        offs, ok = _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, kv_base,
-                                block, dim, cols, d)
+        offs, ok = _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, block, dim,
+                                cols, d)
         mask = key_ok & ok[:, None]
         s = _dot(q, tl.trans(tl.load(k_ptr + offs, mask=mask, other=0.0)), DOT) * scale
         s = tl.where((cols[None, :] < block) & ok[None, :], s, -float("inf"))
         m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s,
                                         tl.load(v_ptr + offs, mask=mask, other=0.0), DOT)
     # 3. summaries of earlier siblings, all levels at once, each with its log-span bias
+    # (new names: a compiled `if` may not give a variable another shape than it had before)
     if n_slots > 0:
-        offs, mask, slot_ok, bias = _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, bg, c, n_slots,
-                                                  n_units, dim, d, d_ok, BLOCK_S)
-        s = _dot(q, tl.trans(tl.load(pk_ptr + offs, mask=mask, other=0.0)), DOT) * scale
-        s = tl.where(slot_ok[None, :], s + bias[None, :], -float("inf"))
-        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s,
-                                        tl.load(pv_ptr + offs, mask=mask, other=0.0), DOT)
+        s_offs, s_mask, slot_ok, bias = _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, c, n_slots,
+                                                      dim, d, d_ok, BLOCK_S)
+        s_sum = _dot(q, tl.trans(tl.load(pk_ptr + s_offs, mask=s_mask, other=0.0)), DOT) * scale
+        s_sum = tl.where(slot_ok[None, :], s_sum + bias[None, :], -float("inf"))
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, s_sum,
+                                        tl.load(pv_ptr + s_offs, mask=s_mask, other=0.0), DOT)
 
     tl.store(o_ptr + q_offs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + bh.to(tl.int64) * n_pos + c * block + rows, m_i + tl.log(l_i), mask=row_ok)
@@ -147,32 +153,37 @@ def _fim_bwd(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, route_ptr, route_ok_ptr, slot_
     d = tl.arange(0, BLOCK_D)
     d_ok = d < dim
     row_ok = rows < block
-    q_offs = (bh.to(tl.int64) * n_pos + c * block + rows[:, None]) * dim + d[None, :]
+    q_base, kv_base, pooled_base = (bh.to(tl.int64) * n_pos * dim, bg.to(tl.int64) * n_pos * dim,
+                                    bg.to(tl.int64) * n_units * dim)   # as in the forward
+    q_ptr, do_ptr, dq_ptr = q_ptr + q_base, do_ptr + q_base, dq_ptr + q_base
+    k_ptr, v_ptr, dk_ptr, dv_ptr = k_ptr + kv_base, v_ptr + kv_base, dk_ptr + kv_base, dv_ptr + kv_base
+    pk_ptr, pv_ptr = pk_ptr + pooled_base, pv_ptr + pooled_base
+    dpk_ptr, dpv_ptr = dpk_ptr + pooled_base, dpv_ptr + pooled_base
+    q_offs = (c * block + rows[:, None]) * dim + d[None, :]
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
     do = tl.load(do_ptr + q_offs, mask=q_mask, other=0.0)
     row_offs = bh.to(tl.int64) * n_pos + c * block + rows
     lse = tl.load(lse_ptr + row_offs, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + row_offs, mask=row_ok, other=0.0)
-    kv_base = bg.to(tl.int64) * n_pos * dim
     key_ok = (cols < block)[:, None] & d_ok[None, :]
     zero_bias = tl.zeros([BLOCK_B, BLOCK_B], tl.float32)
 
-    offs = kv_base + (c * block + cols[:, None]) * dim + d[None, :]
+    offs = (c * block + cols[:, None]) * dim + d[None, :]
     valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] < block) & row_ok[:, None]
     dq = _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs, dv_ptr + offs,
                       key_ok, valid, zero_bias, scale, DOT)
     for r in range(0, top_k):
-        offs, ok = _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, kv_base,
-                                block, dim, cols, d)
+        offs, ok = _routed_keys(route_ptr, route_ok_ptr, bg, c, r, n_blocks, top_k, block, dim,
+                                cols, d)
         valid = (cols[None, :] < block) & row_ok[:, None] & ok[None, :]
         dq += _key_set_bwd(q, do, lse, delta, k_ptr + offs, v_ptr + offs, dk_ptr + offs,
                            dv_ptr + offs, key_ok & ok[:, None], valid, zero_bias, scale, DOT)
     if n_slots > 0:
-        offs, mask, slot_ok, bias = _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, bg, c, n_slots,
-                                                  n_units, dim, d, d_ok, BLOCK_S)
-        dq += _key_set_bwd(q, do, lse, delta, pk_ptr + offs, pv_ptr + offs, dpk_ptr + offs,
-                           dpv_ptr + offs, mask, slot_ok[None, :] & row_ok[:, None],
+        s_offs, s_mask, slot_ok, bias = _summary_keys(slot_ptr, slot_ok_ptr, bias_ptr, c, n_slots,
+                                                      dim, d, d_ok, BLOCK_S)
+        dq += _key_set_bwd(q, do, lse, delta, pk_ptr + s_offs, pv_ptr + s_offs, dpk_ptr + s_offs,
+                           dpv_ptr + s_offs, s_mask, slot_ok[None, :] & row_ok[:, None],
                            tl.zeros([BLOCK_B, BLOCK_S], tl.float32) + bias[None, :], scale, DOT)
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -202,6 +213,9 @@ class _FimAttentionTriton(torch.autograd.Function):
                       BLOCK_D=max(16, triton.next_power_of_2(dim)),
                       BLOCK_S=max(16, triton.next_power_of_2(max(n_slots, 1))),
                       DOT=_dot_dtype(q.dtype))
+        # Head dim 128 spills registers with 4 warps (bf16 backward: 660 B at sm_90; 4 B with 8),
+        # per `python -m pretrain check-kernels`; at 64, 4 warps do not spill.
+        consts["num_warps"] = 8 if consts["BLOCK_D"] >= 128 else 4
         _fim_fwd[(bsz * heads, n_blocks)](q, k, v, pooled_k, pooled_v, route, route_ok, slots,
                                           slots_ok, bias, out, lse, *meta, **consts)
         ctx.save_for_backward(q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias,

@@ -55,6 +55,12 @@ def _rmsnorm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows,
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
 
 
+def _warps(block: int) -> int:
+    """A row per program: more warps for longer rows (Triton's layer-norm tutorial's rule); at
+    hidden 4096, 8 warps: 64 registers per thread in the fp32 backward, not 166 (check-kernels)."""
+    return min(max(block // 256, 1), 8)
+
+
 class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -64,7 +70,7 @@ class _RMSNormTriton(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         block = triton.next_power_of_2(cols)
-        _rmsnorm_fwd[(rows,)](x2, weight, y, rstd, cols, eps, BLOCK=block)
+        _rmsnorm_fwd[(rows,)](x2, weight, y, rstd, cols, eps, BLOCK=block, num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -80,7 +86,8 @@ class _RMSNormTriton(torch.autograd.Function):
         programs = triton.cdiv(rows, per_program)
         dw_partial = torch.empty(programs, cols, device=x2.device, dtype=torch.float32)
         _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, rows, cols, per_program,
-                                  BLOCK=triton.next_power_of_2(cols))
+                                  BLOCK=triton.next_power_of_2(cols),
+                                  num_warps=_warps(triton.next_power_of_2(cols)))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
 
 

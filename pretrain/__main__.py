@@ -309,6 +309,26 @@ def _tune_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _check_kernels_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "check-kernels", help="compile every Triton kernel for NVIDIA GPUs (no GPU needed)",
+        description="Runs each op of `bench kernels` forward and backward with Triton's NVIDIA "
+                    "backend compiling (not launching) every kernel for each target, at the GPU "
+                    "benchmark's shapes and the smaller CPU ones, in each dtype; prints registers, "
+                    "spills and shared memory per kernel. Exit status 1 if a kernel does not "
+                    "compile or does not fit a target (shared memory, registers per block). "
+                    "Proves compilation, not numerics. Needs TRITON_INTERPRET unset.")
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], metavar="CC",
+                   help="compute capabilities, e.g. 80 (A100) 90 (H100/H200) 100 (B200); default 80 90")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"],
+                   choices=["bfloat16", "float16", "float32"], help="default: all three")
+    p.add_argument("--ops", nargs="+", default=None,
+                   choices=["rmsnorm", "swiglu", "rotary", "cross_entropy", "fim_attention", "selective_scan"],
+                   help="default: all")
+    p.add_argument("--out", default=None, help="also write OUT/results.json and OUT/table.md")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain",
                                      description="Distributed pretraining for fractal architectures.")
@@ -321,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     _inspect_parser(sub)
     _tune_parser(sub)
     _compress_parser(sub)
+    _check_kernels_parser(sub)
     args = parser.parse_args(argv)
     if args.verb == "generate" and args.prompt is None and not args.interactive:
         parser.error("generate needs --prompt TEXT and/or --interactive")
@@ -401,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             compress_run(args.ckpt, args.out, args.prune, args.finetune_steps, args.lr, args.eval_batches, args.seed)
             print(f"wrote {Path(args.out) / 'model.safetensors'} and compress.json")
             return 0
+        if args.verb == "check-kernels":
+            from .kernel_check import run as check_kernels
+            return check_kernels(args.arch, args.dtypes, args.ops, args.out)
         if args.verb == "inspect-attention":
             from .inspect_attention import main as inspect_main
             return inspect_main(args)

@@ -34,7 +34,10 @@ class Case:
     compile: bool = True           # time torch.compile of the reference (not for Python loops)
 
 
-def cases(gpu: bool) -> list[Case]:
+def cases(gpu: bool, tokens: int | None = None) -> list[Case]:
+    """The ops at the benchmark's shapes for a GPU or a CPU; ``tokens`` replaces the row count of
+    the row-wise ops (RMSNorm, SwiGLU, cross-entropy), which the kernels' compiled code does not
+    depend on (``pretrain check-kernels`` uses it to keep host memory small)."""
     import torch
 
     import torch.nn.functional as F
@@ -43,7 +46,8 @@ def cases(gpu: bool) -> list[Case]:
     from model.fim_attention import FimGeometry
     from model.fim_attention import fim_attention as fim_torch_path
 
-    tokens, hidden, ffn = (16384, 4096, 14336) if gpu else (4096, 1024, 2816)
+    default_tokens, hidden, ffn = (16384, 4096, 14336) if gpu else (4096, 1024, 2816)
+    tokens = tokens or default_tokens
     seq, batch, heads, head_dim = (4096, 4, 32, 128) if gpu else (1024, 4, 16, 64)
     vocab = 32768 if gpu else 8192
     # FIM at the issue's N = 16k on GPU (default geometry: block 32, branching 2, top-2 routing)
