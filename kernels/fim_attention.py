@@ -204,6 +204,9 @@ class _FimAttentionTriton(torch.autograd.Function):
         bsz, heads, n_pos, dim = q.shape
         groups, n_units = k.shape[1], pooled_k.shape[2]
         n_blocks, top_k, n_slots = n_pos // block, route.shape[-1], slots.shape[-1]
+        if n_pos * dim >= 2**31:
+            raise ValueError(f"FIM kernel: {n_pos} positions x head dim {dim} per head exceed the "
+                             "kernel's 32-bit offsets")
         q, k, v, pooled_k, pooled_v = (t.contiguous() for t in (q, k, v, pooled_k, pooled_v))
         out = torch.empty_like(q)
         lse = torch.empty(bsz, heads, n_pos, device=q.device, dtype=torch.float32)

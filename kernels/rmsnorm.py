@@ -21,7 +21,7 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 @triton.jit
 def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)   # rows x n_cols may pass 2^31
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
@@ -42,7 +42,7 @@ def _rmsnorm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows,
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     start = pid * rows_per_program
     for i in range(0, rows_per_program):
-        row = start + i
+        row = (start + i).to(tl.int64)
         if row < n_rows:
             x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)

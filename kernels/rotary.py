@@ -58,20 +58,21 @@ def _rotary_kernel(t_ptr, f_ptr, out_ptr, positions_per_row, n_heads, HALF: tl.c
     f1 = tl.load(f_ptr + pos * 2 * HALF + d).to(tl.float32)
     f2 = tl.load(f_ptr + pos * 2 * HALF + HALF + d).to(tl.float32)
     c1, s1, c2, s2 = tl.cos(f1), tl.sin(f1), tl.cos(f2), tl.sin(f2)
+    base = row.to(tl.int64) * n_heads * 2 * HALF   # 64-bit: s * b * heads * dim may pass 2^31
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        offs = row * n_heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
+        offs = h[:, None] * 2 * HALF + d[None, :]
         mask = h[:, None] < n_heads
-        x1 = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(t_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(t_ptr + base + offs + HALF, mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:
             y1 = x1 * c1[None, :] + x2 * s2[None, :]
             y2 = x2 * c2[None, :] - x1 * s1[None, :]
         else:
             y1 = x1 * c1[None, :] - x2 * s1[None, :]
             y2 = x2 * c2[None, :] + x1 * s2[None, :]
-        tl.store(out_ptr + offs, y1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + offs + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + base + offs, y1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + base + offs + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rotate(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:

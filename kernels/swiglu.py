@@ -17,7 +17,7 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _swiglu_fwd(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)   # rows x 2 x n_cols passes 2^31 at real shapes
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
@@ -28,7 +28,7 @@ def _swiglu_fwd(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
 
 @triton.jit
 def _swiglu_bwd(dy_ptr, x_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)   # rows x 2 x n_cols passes 2^31 at real shapes
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * 2 * n_cols + cols, mask=mask, other=0.0).to(tl.float32)

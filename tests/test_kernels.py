@@ -306,3 +306,24 @@ def test_bench_kernels_on_cpu_times_the_references_and_says_why(tmp_path):
         assert set(op["implementations"]) == {"torch eager", "torch.compile"}
         assert all(i["ms"] > 0 and i["gb_per_s"] > 0 for i in op["implementations"].values())
     assert "| rmsnorm |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with ~20 GB free")
+def test_on_cuda_row_wise_kernels_address_past_2_to_the_31_elements(triton_mode):
+    """Rows x columns past 2^31: offsets must be 64-bit (32-bit ones wrap and read other rows).
+    The interpreter cannot show it without allocating as much on the host."""
+    cols = 4096
+    rows = 2**31 // cols + 16
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(cols, device="cuda", dtype=torch.bfloat16)
+    tail = slice(rows - 32, rows)
+    torch.testing.assert_close(rmsnorm.rmsnorm(x, w, 1e-5)[tail],
+                               rmsnorm.rmsnorm_reference(x[tail], w, 1e-5), **TOL[torch.bfloat16])
+    halves = x.view(rows // 2, 2 * cols)  # swiglu: [gate | up] rows of 2 x 4096
+    torch.testing.assert_close(swiglu.swiglu(halves)[-16:], swiglu.swiglu_reference(halves[-16:]),
+                               **TOL[torch.bfloat16])
+    del halves
+    t = x.view(-1, 2, 32, 128)  # rotary: [s, b, heads, dim], s = (2^31 + 16 x 4096) / 8192
+    freqs = _angles(t.shape[0], 128).cuda()
+    torch.testing.assert_close(rotary.apply_rotary(t, freqs)[-4:],
+                               rotary.rotary_reference(t[-4:], freqs[-4:]), **TOL[torch.bfloat16])
