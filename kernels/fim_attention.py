@@ -15,8 +15,10 @@ their gradients are accumulated with atomic adds into fp32 buffers.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -198,6 +200,28 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32
 
 
+def _tile(size: int) -> int:
+    return max(16, triton.next_power_of_2(size))
+
+
+MAX_TILE = 64 * 128  # leaf block x head dim, padded
+
+
+def launch_options(block: int, dim: int) -> dict | None:
+    """Warps and pipeline stages for a (leaf block x head dim) tile; None past ``MAX_TILE``.
+
+    From ptxas's registers and Triton's shared memory per kernel (`check-kernels`, sm_80/sm_90,
+    bf16): 32 x 128 with 4 warps spills 660 B per thread in the backward (4 B with 8); 64 x 128
+    and 128 x 64 need 8 warps and one stage (3 stages: 131 KB of shared memory, over sm_86/89's
+    99 KB; 1 stage: 82-98 KB, ~250 B spilled); 128 x 128 spills 1.5 KB and needs 164 KB."""
+    tile = _tile(block) * _tile(dim)
+    if tile > MAX_TILE:
+        return None
+    if tile > 4096:
+        return dict(num_warps=8, num_stages=1)
+    return dict(num_warps=8 if _tile(dim) >= 128 else 4, num_stages=3)
+
+
 class _FimAttentionTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias, block):
@@ -212,13 +236,9 @@ class _FimAttentionTriton(torch.autograd.Function):
         lse = torch.empty(bsz, heads, n_pos, device=q.device, dtype=torch.float32)
         meta = (heads, heads // groups, n_pos, n_blocks, n_units, block, dim, top_k, n_slots,
                 1.0 / math.sqrt(dim))
-        consts = dict(BLOCK_B=max(16, triton.next_power_of_2(block)),
-                      BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                      BLOCK_S=max(16, triton.next_power_of_2(max(n_slots, 1))),
-                      DOT=_dot_dtype(q.dtype))
-        # Head dim 128 spills registers with 4 warps (bf16 backward: 660 B at sm_90; 4 B with 8),
-        # per `python -m pretrain check-kernels`; at 64, 4 warps do not spill.
-        consts["num_warps"] = 8 if consts["BLOCK_D"] >= 128 else 4
+        consts = dict(BLOCK_B=_tile(block), BLOCK_D=_tile(dim),
+                      BLOCK_S=_tile(max(n_slots, 1)), DOT=_dot_dtype(q.dtype),
+                      **launch_options(block, dim))
         _fim_fwd[(bsz * heads, n_blocks)](q, k, v, pooled_k, pooled_v, route, route_ok, slots,
                                           slots_ok, bias, out, lse, *meta, **consts)
         ctx.save_for_backward(q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias,
@@ -276,9 +296,19 @@ def fim_attention_triton(q, k, v, geom, branches) -> torch.Tensor:
 
 
 def fim_attention(q, k, v, geom, branches) -> torch.Tensor:
-    """Dispatcher: the Triton kernel on CUDA, the blocked torch path (gather + SDPA) elsewhere."""
+    """Dispatcher: the Triton kernel on CUDA, the blocked torch path (gather + SDPA) elsewhere
+    and for tiles larger than the kernel handles (see ``launch_options``)."""
     if dispatch.use_triton(q, k, v):
-        return fim_attention_triton(q, k, v, geom, branches)
+        if launch_options(geom.block, q.shape[-1]) is not None:
+            return fim_attention_triton(q, k, v, geom, branches)
+        _warn_tile_once(geom.block, q.shape[-1])
     from model.fim_attention import fim_attention as torch_path
 
     return torch_path(q, k, v, geom, branches)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_tile_once(block: int, dim: int) -> None:
+    warnings.warn(f"FIM attention: leaf block {block} x head dim {dim} exceeds the Triton kernel's "
+                  f"largest tile ({MAX_TILE} elements, e.g. 64 x 128): using the torch path "
+                  "(gather + SDPA)", stacklevel=3)

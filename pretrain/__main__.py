@@ -64,7 +64,9 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     a = what.add_parser("attention", help="fwd+bwd time and memory vs sequence length: dense, "
                                           "sliding window, FIM",
                         description="Times forward+backward of dense causal SDPA, the baseline's "
-                                    "sliding-window attention and FIM attention at N = 2^k from "
+                                    "sliding-window attention and FIM attention (and, with "
+                                    "--methods dense_ours, dense attention as the models run it: "
+                                    "on CPU our block-causal op up to 512 positions) at N = 2^k from "
                                     "--min-n to --max-n (each point in a fresh process), fits "
                                     "time ~ N^exponent over --fit-range, writes OUT/results.json "
                                     "and OUT/attention_scaling.png.")
@@ -77,7 +79,7 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--memory-gb", type=float, default=16.0,
                    help="skip points estimated to need more memory (default 16)")
     a.add_argument("--methods", nargs="+", default=["dense", "sliding_window", "fim"],
-                   choices=["dense", "sliding_window", "fim"])
+                   choices=["dense", "sliding_window", "fim", "dense_ours"])
     for name, default, text in (("batch", 1, "batch size"), ("heads", 8, "query heads"),
                                 ("kv-heads", 2, "key/value heads"), ("head-dim", 64, "head dim"),
                                 ("window", 4096, "sliding window"), ("block", 64, "FIM leaf block"),

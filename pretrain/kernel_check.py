@@ -137,7 +137,8 @@ def _describe(value) -> object:
 
 def check(capability: int, dtypes=DTYPES, ops: list[str] | None = None, progress=print) -> dict:
     """Compile each op's forward and backward kernels for ``sm_<capability>`` at the GPU
-    benchmark's shapes (rows cut to ``ROWS``) and at the smaller CPU benchmark's, per dtype."""
+    benchmark's shapes (rows cut to ``ROWS``), at the smaller CPU benchmark's, and FIM at its
+    largest tile (leaf block 64 x head dim 128), per dtype."""
     import torch
 
     from .bench.kernels import cases
@@ -145,7 +146,9 @@ def check(capability: int, dtypes=DTYPES, ops: list[str] | None = None, progress
     results = {"capability": capability, "gpu": GPU_NAMES.get(capability, ""), "kernels": [],
                "errors": []}
     seen = set()
-    for shapes, workload in (("gpu", cases(gpu=True, tokens=ROWS)), ("cpu", cases(gpu=False))):
+    largest_fim = [c for c in cases(gpu=True, tokens=ROWS, fim_block=64) if c.name == "fim_attention"]
+    for shapes, workload in (("gpu", cases(gpu=True, tokens=ROWS)), ("cpu", cases(gpu=False)),
+                             ("gpu, FIM block 64", largest_fim)):
         for case in workload:
             if ops and case.name not in ops:
                 continue

@@ -100,3 +100,21 @@ def test_causal_attention_takes_it_only_where_it_is_meant_to(monkeypatch):
     assert not used(q, k, v)                           # over it
     monkeypatch.setattr(bca, "MAX_SEQ", 16)
     assert not used(q, k, v)                           # longer than MAX_SEQ: O(s) memory wins
+
+
+def test_bench_attention_times_the_op_against_sdpa(tmp_path):
+    """`bench attention --methods dense dense_ours` is the shipped command behind the op's speedups."""
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "bench"
+    result = run_cli("-m", "pretrain", "bench", "attention", "--out", str(out), "--min-n", "128",
+                     "--max-n", "256", "--fit-range", "128", "256", "--repeats", "1", "--heads", "4",
+                     "--kv-heads", "2", "--head-dim", "32", "--methods", "dense", "dense_ours")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"dense", "dense_ours"}
+    assert set(results["dense_ours_over_dense"]) == {"128", "256"}
+    assert all(r > 0 for r in results["dense_ours_over_dense"].values())
+    assert "dense_ours / dense at N=256" in result.stdout

@@ -38,6 +38,9 @@ def test_every_kernel_compiles_for_sm90_and_fits(tmp_path):
     # the GPU benchmark's FIM shape compiles with its real constants (head dim 128, 8 warps)
     fim = [k for k in compiled if k["kernel"] == "_fim_bwd" and k["shapes"] == "gpu"]
     assert fim and all(k["constexprs"]["BLOCK_D"] == 128 and k["num_warps"] == 8 for k in fim)
+    largest = [k for k in compiled if k["shapes"] == "gpu, FIM block 64"]
+    assert {k["kernel"] for k in largest} == {"_fim_fwd", "_fim_bwd"}
+    assert all(k["constexprs"]["BLOCK_B"] == 64 and k["num_stages"] == 1 for k in largest)
     assert "ok: " in proc.stdout and "| sm_90 | fim_attention | _fim_bwd |" in proc.stdout
 
 

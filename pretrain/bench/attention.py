@@ -1,5 +1,8 @@
 """Attention scaling: forward+backward time and peak memory against sequence length for dense
 causal SDPA, the baseline's sliding window and FIM attention; fitted power-law exponents.
+``dense_ours`` is dense causal attention as the models call it (``causal_attention``: on CPU the
+block-causal op of ``kernels/block_causal_attention.py`` up to its limits, SDPA elsewhere), so
+its ratio to ``dense`` is that op's speedup.
 
 Each (method, N) point runs in a fresh spawned process so that its peak memory is its own: on
 CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the peak resident set (Linux VmHWM,
@@ -39,6 +42,8 @@ def _estimated_bytes(method: str, n: int, s: Shape) -> float:
     io = 8 * s.batch * s.heads * n * s.head_dim * itemsize
     if method == "sliding_window":
         return io + 3 * s.batch * s.heads * n * n * 4
+    if method == "dense_ours":  # the block op keeps the probabilities for the backward
+        return io + 2 * s.batch * s.heads * n * n * 4
     if method == "fim":
         keys = s.block * (1 + s.top_k) + 64
         return io + 6 * s.batch * s.heads * n * keys * itemsize
@@ -69,6 +74,8 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif method == "sliding_window":
             out = causal_attention(q, k, v, window=shape.window)
+        elif method == "dense_ours":
+            out = causal_attention(q, k, v)
         else:
             out = fim_attention(q, k, v, geom)
         out.backward(torch.ones_like(out))
@@ -168,9 +175,10 @@ def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
         results["methods"][method] = {"exponent": fit_exponent(points, *fit_range), "points": points}
     measured = {m: {p["n"]: p["fwd_bwd_ms"] for p in e["points"] if "fwd_bwd_ms" in p}
                 for m, e in results["methods"].items()}
-    if "dense" in measured and "fim" in measured:
-        results["fim_over_dense"] = {str(n): measured["fim"][n] / measured["dense"][n]
-                                     for n in measured["fim"] if n in measured["dense"]}
+    for other in ("fim", "dense_ours"):
+        if "dense" in measured and other in measured:
+            results[f"{other}_over_dense"] = {str(n): measured[other][n] / measured["dense"][n]
+                                              for n in measured[other] if n in measured["dense"]}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -178,7 +186,8 @@ def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
     for m, e in results["methods"].items():
         exp = f"{e['exponent']:.3f}" if e["exponent"] is not None else "n/a"
         print(f"{m}: fitted exponent {exp} over N in [{fit_range[0]}, {fit_range[1]}]")
-    for n, ratio in results.get("fim_over_dense", {}).items():
-        print(f"fim / dense at N={n}: {ratio:.3f}")
+    for other in ("fim", "dense_ours"):
+        for n, ratio in results.get(f"{other}_over_dense", {}).items():
+            print(f"{other} / dense at N={n}: {ratio:.3f}")
     print(f"results in {out_dir / 'results.json'}, plot {out_dir / 'attention_scaling.png'}")
     return results

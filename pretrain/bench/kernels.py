@@ -34,10 +34,11 @@ class Case:
     compile: bool = True           # time torch.compile of the reference (not for Python loops)
 
 
-def cases(gpu: bool, tokens: int | None = None) -> list[Case]:
+def cases(gpu: bool, tokens: int | None = None, fim_block: int = 32) -> list[Case]:
     """The ops at the benchmark's shapes for a GPU or a CPU; ``tokens`` replaces the row count of
     the row-wise ops (RMSNorm, SwiGLU, cross-entropy), which the kernels' compiled code does not
-    depend on (``pretrain check-kernels`` uses it to keep host memory small)."""
+    depend on (``pretrain check-kernels`` uses it to keep host memory small, and ``fim_block``
+    to compile FIM's largest tile)."""
     import torch
 
     import torch.nn.functional as F
@@ -52,7 +53,7 @@ def cases(gpu: bool, tokens: int | None = None) -> list[Case]:
     vocab = 32768 if gpu else 8192
     # FIM at the issue's N = 16k on GPU (default geometry: block 32, branching 2, top-2 routing)
     n_fim, fim_heads, fim_groups = (16384, 32, 8) if gpu else (2048, 8, 2)
-    geom = FimGeometry(32, 2, FimGeometry.auto_levels(n_fim, 32, 2), 2)
+    geom = FimGeometry(fim_block, 2, FimGeometry.auto_levels(n_fim, fim_block, 2), 2)
     branches = ("local", "hierarchical", "routed")
 
     scan_b, scan_d, scan_l, scan_n = (4, 4096, 2048, 16) if gpu else (2, 256, 512, 16)
@@ -114,7 +115,7 @@ def cases(gpu: bool, tokens: int | None = None) -> list[Case]:
              lambda q, k, v: fim_torch_path(q, k, v, geom, branches),
              lambda q, k, v: fim_attention.fim_attention(q, k, v, geom, branches),
              lambda ins: 2 * nbytes(*ins) + 2 * nbytes(ins[0]),  # fwd: q,k,v,o; bwd: again + do
-             f"N={n_fim}, {fim_heads}/{fim_groups} heads, d={head_dim}",
+             f"N={n_fim}, {fim_heads}/{fim_groups} heads, d={head_dim}, block {fim_block}",
              baselines={"dense causal SDPA": lambda q, k, v: F.scaled_dot_product_attention(
                  q, k, v, is_causal=True, enable_gqa=True)}),
         Case("selective_scan", scan_inputs, selective_scan.selective_scan_reference,
