@@ -204,18 +204,19 @@ def _tile(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-MAX_TILE = 64 * 128  # leaf block x head dim, padded
+MAX_TILE = {2: 64 * 128, 4: 32 * 128}  # leaf block x head dim (padded), by element size
 
 
-def launch_options(block: int, dim: int) -> dict | None:
+def launch_options(block: int, dim: int, dtype: torch.dtype) -> dict | None:
     """Warps and pipeline stages for a (leaf block x head dim) tile; None past ``MAX_TILE``.
 
-    From ptxas's registers and Triton's shared memory per kernel (`check-kernels`, sm_80/sm_90,
-    bf16): 32 x 128 with 4 warps spills 660 B per thread in the backward (4 B with 8); 64 x 128
+    From ptxas's registers and Triton's shared memory per kernel (`check-kernels`, sm_80/sm_90):
+    bf16 32 x 128 with 4 warps spills 660 B per thread in the backward (4 B with 8); 64 x 128
     and 128 x 64 need 8 warps and one stage (3 stages: 131 KB of shared memory, over sm_86/89's
-    99 KB; 1 stage: 82-98 KB, ~250 B spilled); 128 x 128 spills 1.5 KB and needs 164 KB."""
+    99 KB; 1 stage: 82-98 KB, 200 B spilled at sm_90, 2.3 KB at sm_80); 128 x 128 spills 1.5 KB
+    and needs 164 KB. fp32 tiles cost twice the registers: 64 x 128 spilled ~100 KB."""
     tile = _tile(block) * _tile(dim)
-    if tile > MAX_TILE:
+    if tile > MAX_TILE[4 if dtype == torch.float32 else 2]:
         return None
     if tile > 4096:
         return dict(num_warps=8, num_stages=1)
@@ -238,7 +239,7 @@ class _FimAttentionTriton(torch.autograd.Function):
                 1.0 / math.sqrt(dim))
         consts = dict(BLOCK_B=_tile(block), BLOCK_D=_tile(dim),
                       BLOCK_S=_tile(max(n_slots, 1)), DOT=_dot_dtype(q.dtype),
-                      **launch_options(block, dim))
+                      **launch_options(block, dim, q.dtype))
         _fim_fwd[(bsz * heads, n_blocks)](q, k, v, pooled_k, pooled_v, route, route_ok, slots,
                                           slots_ok, bias, out, lse, *meta, **consts)
         ctx.save_for_backward(q, k, v, pooled_k, pooled_v, route, route_ok, slots, slots_ok, bias,
@@ -299,16 +300,16 @@ def fim_attention(q, k, v, geom, branches) -> torch.Tensor:
     """Dispatcher: the Triton kernel on CUDA, the blocked torch path (gather + SDPA) elsewhere
     and for tiles larger than the kernel handles (see ``launch_options``)."""
     if dispatch.use_triton(q, k, v):
-        if launch_options(geom.block, q.shape[-1]) is not None:
+        if launch_options(geom.block, q.shape[-1], q.dtype) is not None:
             return fim_attention_triton(q, k, v, geom, branches)
-        _warn_tile_once(geom.block, q.shape[-1])
+        _warn_tile_once(geom.block, q.shape[-1], q.dtype)
     from model.fim_attention import fim_attention as torch_path
 
     return torch_path(q, k, v, geom, branches)
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_tile_once(block: int, dim: int) -> None:
-    warnings.warn(f"FIM attention: leaf block {block} x head dim {dim} exceeds the Triton kernel's "
-                  f"largest tile ({MAX_TILE} elements, e.g. 64 x 128): using the torch path "
-                  "(gather + SDPA)", stacklevel=3)
+def _warn_tile_once(block: int, dim: int, dtype: torch.dtype) -> None:
+    warnings.warn(f"FIM attention: leaf block {block} x head dim {dim} in {dtype} exceeds the "
+                  "Triton kernel's largest tile (64 x 128 in 16-bit, 32 x 128 in fp32): using the "
+                  "torch path (gather + SDPA)", stacklevel=3)

@@ -333,15 +333,18 @@ def test_fim_tiles_past_the_kernels_largest_take_the_torch_path_with_a_warning(t
     from model.fim_attention import FimGeometry
     from model.fim_attention import fim_attention as torch_path
 
-    assert fim_attention.launch_options(32, 128) == dict(num_warps=8, num_stages=3)
-    assert fim_attention.launch_options(64, 128) == dict(num_warps=8, num_stages=1)
-    assert fim_attention.launch_options(32, 64) == dict(num_warps=4, num_stages=3)
-    assert fim_attention.launch_options(128, 128) is None
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert fim_attention.launch_options(32, 128, bf16) == dict(num_warps=8, num_stages=3)
+    assert fim_attention.launch_options(64, 128, bf16) == dict(num_warps=8, num_stages=1)
+    assert fim_attention.launch_options(32, 64, fp32) == dict(num_warps=4, num_stages=3)
+    assert fim_attention.launch_options(32, 128, fp32) == dict(num_warps=8, num_stages=3)
+    assert fim_attention.launch_options(64, 128, fp32) is None
+    assert fim_attention.launch_options(128, 128, bf16) is None
     kernel_calls = _count_calls(monkeypatch, fim_attention, "fim_attention_triton")
     geom = FimGeometry(128, 2, 1, 1)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 256, 128, generator=g) for h in (2, 1, 1))
-    with pytest.warns(UserWarning, match="leaf block 128 x head dim 128 exceeds"):
+    with pytest.warns(UserWarning, match="leaf block 128 x head dim 128 in torch.float32 exceeds"):
         out = fim_attention.fim_attention(q, k, v, geom, ("local", "routed", "hierarchical"))
     assert not kernel_calls
     torch.testing.assert_close(out, torch_path(q, k, v, geom, ("local", "routed", "hierarchical")))
