@@ -85,9 +85,9 @@ class _RMSNormTriton(torch.autograd.Function):
         per_program = triton.cdiv(rows, programs)
         programs = triton.cdiv(rows, per_program)
         dw_partial = torch.empty(programs, cols, device=x2.device, dtype=torch.float32)
+        block = triton.next_power_of_2(cols)
         _rmsnorm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, rows, cols, per_program,
-                                  BLOCK=triton.next_power_of_2(cols),
-                                  num_warps=_warps(triton.next_power_of_2(cols)))
+                                  BLOCK=block, num_warps=_warps(block))
         return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None
 
 

@@ -68,7 +68,6 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def step(q=q, k=k, v=v):
-        n = q.shape[2]
         if method == "dense":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif method == "sliding_window":
@@ -76,8 +75,8 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
         elif method == "dense_ours":
             out = causal_attention(q, k, v)
         else:
-            out = fim_attention(q, k, v, FimGeometry(shape.block, shape.branching, FimGeometry.auto_levels(
-                n, shape.block, shape.branching), shape.top_k))
+            levels = FimGeometry.auto_levels(q.shape[2], shape.block, shape.branching)
+            out = fim_attention(q, k, v, FimGeometry(shape.block, shape.branching, levels, shape.top_k))
         out.backward(torch.ones_like(out))
         for t in (q, k, v):
             t.grad = None
