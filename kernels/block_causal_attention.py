@@ -8,9 +8,10 @@ matmul reaches ~170. Here the query heads that share a KV head are folded into t
 matmul (no repeated K/V), the causal triangle is covered by query blocks of ``block`` positions
 (block i multiplies against keys ``[0, end_i)``, so only about (s + block) / 2s of the full score
 matrix is computed), and the softmax probabilities are kept for the backward instead of being
-recomputed. Measured fwd + bwd against SDPA's flash kernel on the 2-core machine (fp32, 8 query /
-2 KV heads, 2026-11-24): 10% less time at s = 128, 23% (head dim 32) and 35% (64) at s = 256,
-37% at s = 512; at s = 1024 no gain at head dim 32 (the probabilities stop fitting in cache).
+recomputed. Measured fwd + bwd against SDPA's flash kernel on the 2-core machine (fp32, batch 8,
+8 query / 2 KV heads; `bench attention --methods dense dense_ours`, reports/attention_block_op):
+8-19% less time at s = 128-512 with head dim 32, 17-34% with head dim 64; at s = 1024 no gain
+(the probabilities stop fitting in cache).
 With Mistral's sliding window a block multiplies only the keys its queries can see (the window
 before it and itself); against SDPA with the window as a mask (flash): 40% less at s = 256,
 window 128, batch 16.

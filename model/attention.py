@@ -35,9 +35,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     """
     s = q.shape[-2]
     windowed = 0 < window < s
-    if backend != "reference" and blocked is None and use_block_causal(q, window if windowed else 0):
+    block_window = window if windowed else 0
+    if backend != "reference" and blocked is None and use_block_causal(q, block_window):
         # CPU: faster than SDPA's flash kernel (kernels/block_causal_attention.py)
-        return block_causal_attention(q, k, v, window if windowed else 0)
+        return block_causal_attention(q, k, v, block_window)
     allowed = None
     if windowed or blocked is not None or backend == "reference":
         allowed = sliding_window_mask(s, window if windowed else s, str(q.device))
