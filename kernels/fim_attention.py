@@ -1,9 +1,9 @@
 """FIM block-sparse attention as one flash-style Triton kernel (forward and backward).
 
-Same attention as ``model.fim_attention.fim_attention`` (read its docstring for the geometry): a
-query in leaf block c attends, in one softmax, to its own block causally, to the top-k routed
-earlier blocks of its key/value group, and to the mean-pooled summaries of its earlier siblings
-at every level (each with its +log(span) bias). The torch path gathers those keys per block and
+Same attention as the blocked torch path of ``kernels/fim_reference.py`` (the geometry is defined
+in ``kernels/fim_geometry.py``): a query in leaf block c attends, in one softmax, to its own block
+causally, to the top-k routed earlier blocks of its key/value group, and to the mean-pooled
+summaries of its earlier siblings at every level (each with its +log(span) bias). The torch path gathers those keys per block and
 calls SDPA with a bias mask; here one program per (batch, query head, leaf block) streams the
 key sets through an online softmax, so nothing is gathered or materialized. Routing and pooling
 stay in torch (cheap: per block, not per token); their outputs are the kernel's inputs, and the
@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .fim_geometry import pooled_levels, route_blocks, sibling_slots
+from .fim_reference import fim_attention_blocked
 
 
 @triton.jit
@@ -267,8 +269,6 @@ def fim_attention_triton(q, k, v, geom, branches) -> torch.Tensor:
     """q ``[b, h, N, d]``, k/v ``[b, g, N, d]`` -> ``[b, h, N, d]`` through the Triton kernel."""
     import torch.nn.functional as F
 
-    from model.fim_attention import _pooled_levels, _sibling_slots, route_blocks
-
     bsz, heads, n, dim = q.shape
     groups, block = k.shape[1], geom.block
     nb = -(-n // block)
@@ -281,9 +281,9 @@ def fim_attention_triton(q, k, v, geom, branches) -> torch.Tensor:
         route = torch.zeros(bsz, groups, nb, 0, dtype=torch.long, device=device)
         route_ok = torch.zeros(nb, 0, dtype=torch.bool, device=device)
     if "hierarchical" in branches and geom.levels > 0:
-        slots, slots_ok, level = _sibling_slots(nb, geom.branching, geom.levels, device)
-        pooled_k = _pooled_levels(kp, block, geom.branching, geom.levels)
-        pooled_v = _pooled_levels(vp, block, geom.branching, geom.levels)
+        slots, slots_ok, level = sibling_slots(nb, geom.branching, geom.levels, device)
+        pooled_k = pooled_levels(kp, block, geom.branching, geom.levels)
+        pooled_v = pooled_levels(vp, block, geom.branching, geom.levels)
         bias = (math.log(block) + level * math.log(geom.branching)).float()
     else:
         slots = torch.zeros(nb, 0, dtype=torch.long, device=device)
@@ -303,9 +303,7 @@ def fim_attention(q, k, v, geom, branches) -> torch.Tensor:
         if launch_options(geom.block, q.shape[-1], q.dtype) is not None:
             return fim_attention_triton(q, k, v, geom, branches)
         _warn_tile_once(geom.block, q.shape[-1], q.dtype)
-    from model.fim_attention import fim_attention as torch_path
-
-    return torch_path(q, k, v, geom, branches)
+    return fim_attention_blocked(q, k, v, geom, branches)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,9 @@
 #
 #   slurm/local_cluster.sh start    # idempotent: a running cluster is left as it is
 #   slurm/local_cluster.sh status   # exit 0 when both nodes are up and idle or busy
-#   slurm/local_cluster.sh stop     # stops every daemon this script started
+#   slurm/local_cluster.sh stop     # stops every daemon this script started and waits until
+#                                   # they have exited (SIGKILL after PRETRAIN_SLURM_STOP_TIMEOUT
+#                                   # s, default 30; exit 1 if one survives even that)
 #
 # Everything lives under $STATE (default /var/lib/pretrain-slurm); the config is also linked to
 # /etc/slurm/slurm.conf (only when that file is absent or ours) so plain sbatch/squeue find it.
@@ -16,6 +18,8 @@ STATE=${PRETRAIN_SLURM_STATE:-/var/lib/pretrain-slurm}
 CONF=$STATE/slurm.conf
 NODES=(pnode1 pnode2)
 CTLD_PORT=${PRETRAIN_SLURM_PORT:-6817}
+# How long `stop` waits for a daemon to exit after SIGTERM before it sends SIGKILL.
+STOP_TIMEOUT=${PRETRAIN_SLURM_STOP_TIMEOUT:-30}
 MARKER="# written by pretrain slurm/local_cluster.sh"
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
@@ -149,28 +153,60 @@ start() {
     die "nodes did not come up; see $STATE/log"
 }
 
+# Exists and is not a zombie (`kill -0` succeeds on a zombie, and an exited daemon reparented to an
+# init that does not reap stays one).
+alive() {
+    local stat
+    stat=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $stat != Z* ]]
+}
+
+# wait_gone SECONDS PID...: 0 once every PID has exited; 1 after SECONDS, the rest in SURVIVORS.
+wait_gone() {
+    local deadline=$((SECONDS + $1)) pid
+    shift
+    while :; do
+        SURVIVORS=()
+        for pid in "$@"; do alive "$pid" && SURVIVORS+=("$pid"); done
+        (( ${#SURVIVORS[@]} == 0 )) && return 0
+        (( SECONDS < deadline )) || return 1
+        sleep 0.1
+    done
+}
+
+# terminate NAME PID...: SIGTERM, then wait until they are gone: a signal only asks, and whoever
+# runs `stop` expects the daemons to have exited when it returns (a restart reuses their ports;
+# the tests check that none is left). SIGKILL after $STOP_TIMEOUT s; fail if even that does not
+# end them.
+terminate() {
+    local what=$1
+    shift
+    (( $# > 0 )) || return 0
+    kill "$@" 2>/dev/null || true
+    wait_gone "$STOP_TIMEOUT" "$@" && return 0
+    log "$what (pid ${SURVIVORS[*]}) still running $STOP_TIMEOUT s after SIGTERM: SIGKILL"
+    kill -9 "${SURVIVORS[@]}" 2>/dev/null || true
+    wait_gone 10 "${SURVIVORS[@]}" && return 0
+    die "stop failed: $what (pid ${SURVIVORS[*]}) still running 10 s after SIGKILL"
+}
+
 stop() {
     need_root
-    local pids=()
+    local pids=() f pid
     for f in "$STATE"/slurmd-*.pid "$STATE"/slurmctld.pid; do
-        [[ -f $f ]] && pids+=("$(cat "$f")")
+        [[ -f $f ]] || continue
+        pid=$(cat "$f")
+        # A stale file (daemon gone, pid reused) must not make us kill an unrelated process.
+        [[ $(ps -o comm= -p "$pid" 2>/dev/null) == slurm* ]] && pids+=("$pid")
     done
     # Also daemons started from our config whose pid file went missing.
     while read -r pid; do pids+=("$pid"); done < <(pgrep -f "^(slurmctld|slurmd) -f $CONF" || true)
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for _ in $(seq 100); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [[ $alive -eq 0 ]] && break
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    # Job processes left by a killed slurmd (tests cancel their jobs; this is the safety net).
-    pkill -f "slurmstepd: \[" 2>/dev/null || true
-    if [[ -f /run/munge/munged.pid ]]; then
-        kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
-    fi
-    pkill -x munged 2>/dev/null || true
+    terminate "slurmctld/slurmd" "${pids[@]}"
+    # Job processes left by a stopped slurmd (tests cancel their jobs; this is the safety net).
+    mapfile -t pids < <(pgrep -x slurmstepd || true)
+    terminate slurmstepd "${pids[@]}"
+    # munged last: the Slurm daemons authenticate through it while they shut down.
+    mapfile -t pids < <(pgrep -x munged || true)
+    terminate munged "${pids[@]}"
     rm -f "$STATE"/*.pid
     log "stopped"
 }

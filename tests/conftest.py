@@ -1,15 +1,14 @@
-"""Shared fixtures: a small real dataset (Shakespeare when installed, else generated text) and
-tiny run configs that train in seconds on a CPU."""
+"""Fixtures: a small real text corpus and dataset, and an in-process session with megatron's
+parallel state set up; plain helpers (tiny configs, the CLI) are in helpers.py."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import tiny_config
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Without a GPU, Triton kernels run in its interpreter; the switch is read when @triton.jit runs.
@@ -17,26 +16,6 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
-    """A ~0.1M-parameter model on 64-byte sequences: a step takes milliseconds."""
-    values = {
-        "model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4,
-        "model.num_query_groups": 2, "model.ffn_hidden_size": 128, "model.seq_length": 64,
-        "model.sliding_window": 32, "data.path": str(data_dir), "train.run_dir": str(run_dir),
-        "train.micro_batch_size": 4, "train.steps": 6, "train.eval_every": 0,
-        "train.checkpoint_every": 0, "train.eval_batches": 2, "train.log_every": 1,
-        "optim.warmup_steps": 2, "log.wandb": False, "log.progress": False,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def tiny_config(data_dir: Path, run_dir: Path, **extra):
-    from pretrain.config import load_config
-
-    return load_config(ROOT / "configs" / "mistral_tiny.yaml", tiny_overrides(data_dir, run_dir, **extra))
 
 
 @pytest.fixture(scope="session")
@@ -62,17 +41,10 @@ def dataset(tmp_path_factory, text_corpus) -> Path:
     return out
 
 
-def run_cli(*args: str, timeout: float = 600, env_extra: dict | None = None,
-            **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
-
-
 @pytest.fixture
 def session(dataset, tmp_path):
     """A tiny config with process groups and megatron's parallel state set up (one process)."""
-    from pretrain import parallel
+    from pretrain.core import parallel
 
     cfg = tiny_config(dataset, tmp_path / "run")
     parallel.setup(cfg)
@@ -80,13 +52,8 @@ def session(dataset, tmp_path):
     parallel.teardown()
 
 
-def build_model(cfg, seed: int = 0):
-    """The configured model family, vocabulary resolved for the byte tokenizer, seeded init."""
-    import torch
-
-    from model import get_family
-    from pretrain.trainer import resolve_vocab
-
-    resolve_vocab(cfg, 258)
-    torch.manual_seed(seed)
-    return get_family(cfg.model.name).build(cfg.model, cfg.parallel)
+def pytest_collection_modifyitems(items):
+    """Slurm tests submit jobs: they are integration tests too (`-m "not integration"` skips them)."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.integration)

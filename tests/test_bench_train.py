@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from torch.profiler import profile, record_function
 
-from conftest import run_cli, tiny_overrides
-from test_train import losses_by_step, train_cmd
+from helpers import losses_by_step, run_cli, tiny_overrides, train_cmd
 
 
+@pytest.mark.integration
 def test_bench_train_reports_both_sides_mfu_and_where_the_step_goes(dataset, tmp_path):
     out = tmp_path / "bench"
     sets = tiny_overrides(dataset, tmp_path / "unused", **{"model.sliding_window": 0})
@@ -35,6 +35,7 @@ def test_bench_train_reports_both_sides_mfu_and_where_the_step_goes(dataset, tmp
     assert "aten::mm" in (out / "profile_ours.txt").read_text()
 
 
+@pytest.mark.integration
 def test_bench_train_refuses_a_model_transformers_does_not_have(dataset, tmp_path):
     result = run_cli("-m", "pretrain", "bench", "train", "--config", "configs/fim_mistral_tiny.yaml",
                      "--set", f"data.path={dataset}", "--out", str(tmp_path / "b"))
@@ -65,6 +66,7 @@ def test_phase_breakdown_moves_collectives_to_communication(session):
     assert s["other"] == pytest.approx(step - sum(v for k, v in s.items() if k != "other"))
 
 
+@pytest.mark.integration
 def test_compiled_training_matches_eager_and_shares_its_checkpoints(dataset, tmp_path):
     def train(run_dir, **extra):
         done = run_cli(*train_cmd(dataset, run_dir,

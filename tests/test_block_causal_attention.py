@@ -39,7 +39,7 @@ def test_gradients_are_exact_in_float64():
     q, k, v = (megatron_layout(1, n, 9, 4, gen, torch.float64) for n in (4, 2, 2))
     for window in (0, 6):
         assert torch.autograd.gradcheck(
-            lambda q, k, v: bca.block_causal_attention(q, k, v, window, block=4), (q, k, v))
+            lambda q, k, v, window=window: bca.block_causal_attention(q, k, v, window, block=4), (q, k, v))
 
 
 def test_the_op_registration_is_consistent():
@@ -102,11 +102,12 @@ def test_causal_attention_takes_it_only_where_it_is_meant_to(monkeypatch):
     assert not used(q, k, v)                           # longer than MAX_SEQ: O(s) memory wins
 
 
+@pytest.mark.integration
 def test_bench_attention_times_the_op_against_sdpa(tmp_path):
     """`bench attention --methods dense dense_ours` is the shipped command behind the op's speedups."""
     import json
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "bench"
     result = run_cli("-m", "pretrain", "bench", "attention", "--out", str(out), "--min-n", "128",

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from data_pipeline import patching
-from pretrain.config import ConfigError, load_config
+from pretrain.core.config import ConfigError, load_config
 
-from conftest import ROOT, run_cli
-from test_train import train_cmd
+from helpers import ROOT, run_cli, train_cmd
 
 TEXT = ("To be, or not to be: naïve café, ünïcödé ✓ 日本語のテキスト, Ελληνικά, русский 🙂🙃 — "
         "end of the line.\n").encode()
@@ -98,7 +97,7 @@ def _pair(*shape):
 
 
 def test_complex_linear_and_layer_norm_match_torch_complex():
-    from model.complex_layers import ComplexLayerNorm, ComplexLinear
+    from model.bsfin.complex_layers import ComplexLayerNorm, ComplexLinear
 
     torch.manual_seed(0)
     z = _pair(2, 5, 8)
@@ -116,7 +115,7 @@ def test_complex_linear_and_layer_norm_match_torch_complex():
 
 @pytest.mark.parametrize("mode", ["quantum", "classical"])
 def test_interference_attention_matches_torch_complex(mode):
-    from model.complex_layers import InterferenceAttention, frequencies
+    from model.bsfin.complex_layers import InterferenceAttention, frequencies
 
     torch.manual_seed(1)
     b, p, d, heads = 2, 7, 12, 3
@@ -148,7 +147,7 @@ def test_interference_attention_matches_torch_complex(mode):
 
 
 def test_complex_feed_forward_and_positions_match_torch_complex():
-    from model.complex_layers import ComplexFeedForward, ComplexPositionalEncoding, frequencies
+    from model.bsfin.complex_layers import ComplexFeedForward, ComplexPositionalEncoding, frequencies
 
     torch.manual_seed(2)
     ffn = ComplexFeedForward(6, 10)
@@ -166,7 +165,7 @@ def test_complex_feed_forward_and_positions_match_torch_complex():
 # --- the model ------------------------------------------------------------------------------------
 
 def _model(**extra):
-    from model.bsfin import BsfinLM
+    from model.bsfin.model import BsfinLM
 
     torch.manual_seed(0)
     return BsfinLM(bsfin_config(**extra).model).eval()
@@ -203,9 +202,10 @@ def test_patches_from_an_entropy_model_loaded_from_a_directory(tmp_path):
     it) gives the next-byte entropies; it stays out of BSFIN's parameters; causality holds."""
     from safetensors.torch import save_file
 
-    from model.bsfin import BsfinLM, load_entropy_model
-    from model.him import HimLM
-    from pretrain.config import save_config
+    from model.bsfin.model import BsfinLM
+    from model.him.model import HimLM
+    from pretrain.core.config import save_config
+    from pretrain.core.model_dir import load_model
 
     him = load_config(ROOT / "configs" / "him_tiny.yaml",
                       ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=4",
@@ -215,7 +215,7 @@ def test_patches_from_an_entropy_model_loaded_from_a_directory(tmp_path):
     torch.manual_seed(5)
     save_file(HimLM(him.model).state_dict(), str(tmp_path / "model.safetensors"))
     save_config(him, tmp_path / "config.yaml")
-    entropy_model = load_entropy_model(str(tmp_path))
+    _, entropy_model = load_model(str(tmp_path))
     cfg = bsfin_config(**{"model.bsfin.patching": "model", "model.bsfin.entropy_model": str(tmp_path),
                           "model.bsfin.threshold": 7.9}).model
     torch.manual_seed(0)
@@ -240,14 +240,14 @@ def test_the_tiny_config_matches_the_baselines_size():
     ours = load_config(ROOT / "configs" / "bsfin_tiny.yaml", ["model.vocab_size=384"]).model
     ratio = get_family("bsfin").parameter_count(ours) / get_family("mistral").parameter_count(base)
     assert abs(ratio - 1) < 0.02
-    from model.bsfin import BsfinLM
+    from model.bsfin.model import BsfinLM
     assert get_family("bsfin").parameter_count(ours) == sum(p.numel() for p in BsfinLM(ours).parameters())
 
 
 # --- generation and continual learning --------------------------------------------------------------
 
 def test_entropy_aware_sampling_picks_greedy_top_k_or_full_by_entropy():
-    from pretrain.generate import entropy_aware
+    from pretrain.tools.generate import entropy_aware
 
     peaked = torch.tensor([10.0, 0.0, 0.0, 0.0])                      # ~0.01 bits
     flat = torch.zeros(64)                                             # 6 bits
@@ -258,7 +258,7 @@ def test_entropy_aware_sampling_picks_greedy_top_k_or_full_by_entropy():
 
 
 def test_hash_memory_importance_bounds_eviction_and_state():
-    from pretrain.continual import HashMemory, token_weights
+    from pretrain.research.continual import HashMemory, token_weights
 
     memory = HashMemory(capacity=3, decay=0.9, visit_decay=0.5)
     assert memory.visit("a", 1) == 1.0                                 # new: full weight
@@ -273,13 +273,14 @@ def test_hash_memory_importance_bounds_eviction_and_state():
     assert weights == [1.0] * 3 + [0.1] * 3 + [1.0]                   # clamped to [0.1, 1]
 
 
+@pytest.mark.integration
 def test_bsfin_trains_logs_patches_and_learns_a_stream_continually(dataset, tmp_path):
     """The trainer runs bsfin (patch statistics in metrics.jsonl). Then continual learning: the
     new stream's held-out end's bpb drops; the original validation bpb is measured before and
     after; the memory is saved and resumed."""
     import json
 
-    from pretrain.metrics import read_metrics
+    from pretrain.core.metrics import read_metrics
 
     extra = {"model.name": "bsfin", "model.sliding_window": 0, "model.num_query_groups": 4,
              "model.bsfin.local_hidden": 32, "model.bsfin.local_heads": 2, "model.bsfin.ngram_buckets": 64,

@@ -8,9 +8,10 @@ import re
 import pytest
 from scipy import stats as sps
 
-from conftest import ROOT, run_cli
-from pretrain.bench import stats
-from pretrain.bench.report import render
+from pretrain.research import stats
+from pretrain.research.compare_report import render
+
+from helpers import ROOT, run_cli
 
 
 def test_summary_and_welch_match_scipy():
@@ -153,6 +154,7 @@ def test_a_comparison_without_a_fim_arm_reports_no_fim_claims_and_shows_level_lo
     assert "| fractalformer | 1 | 1.2345 | 1.3456 | 1.5678 |" in report
 
 
+@pytest.mark.integration
 def test_rerunning_a_comparison_reuses_finished_runs(dataset, tmp_path):
     args = ["-m", "pretrain", "bench", "compare", "--baseline", str(ROOT / "configs" / "mistral_tiny.yaml"),
             "--variant", str(ROOT / "configs" / "fim_mistral_tiny.yaml"), "--seeds", "1",
@@ -178,7 +180,7 @@ def test_rerunning_a_comparison_reuses_finished_runs(dataset, tmp_path):
 
 
 def test_an_arm_can_be_a_config_plus_overrides():
-    from pretrain.bench.compare import split_arm
+    from pretrain.research.compare import split_arm
 
     assert split_arm("configs/him_tiny.yaml") == ("configs/him_tiny.yaml", [])
     assert split_arm("configs/him_tiny.yaml:model.him.cognitive=false,optim.lr=0.001") == (
@@ -188,7 +190,7 @@ def test_an_arm_can_be_a_config_plus_overrides():
 def test_the_lr_control_report_states_direction_significance_and_pbts_compute(tmp_path):
     """bench control's report from fabricated results: every arm's held-out mean ± std, the
     verdict's direction and Welch p from the numbers, PBT's total tokens = population x tokens."""
-    from pretrain.bench.control_report import write_report
+    from pretrain.research.control_report import write_report
 
     def run(heldout, val, decisions=()):
         return {"heldout_bpb": heldout, "val_bpb": val, "curve": [{"step": 0, "bpb": 8.0}, {"step": 10, "bpb": val}],
@@ -215,7 +217,7 @@ def test_the_lr_control_report_states_direction_significance_and_pbts_compute(tm
     report = (tmp_path / "report.md").read_text()
     assert "| Q-learning controller | 2.9100 ± 0.0100 |" in report
     q_p = arms["qcontrol"]["welch_heldout"]["p"]
-    assert f"Q-learning controller: held-out bpb 0.1000 lower (better) than the schedule" in report
+    assert "Q-learning controller: held-out bpb 0.1000 lower (better) than the schedule" in report
     assert f"Welch p = {q_p:.3f}, significant at 0.05" in report
     assert "PBT (best of population): held-out bpb 0.0000 different (equal means)" in report
     assert "| 1,228,800 |" in report                 # PBT: 4 x 307,200 tokens
@@ -225,14 +227,13 @@ def test_the_lr_control_report_states_direction_significance_and_pbts_compute(tm
 def test_a_runs_hash_ignores_other_families_settings():
     """Every family section of the model config is mapped to its family; a change there moves
     only that family's runs (so adding a family's keys keeps earlier runs reusable)."""
-    import dataclasses
+    from model import families, names
+    from model.config import ModelConfig
+    from pretrain.core.config import load_config
+    from pretrain.research.compare import config_hash
 
-    from model import names
-    from pretrain.bench.compare import FAMILY_SECTIONS, config_hash
-    from pretrain.config import ModelConfig, load_config
-
-    sections = {f.name for f in dataclasses.fields(ModelConfig) if f.default_factory is not dataclasses.MISSING}
-    assert sections == set(FAMILY_SECTIONS) and set(FAMILY_SECTIONS.values()) <= set(names())
+    sections = set(ModelConfig().sections)
+    assert sections == {f.section for f in families() if f.section} and {f.name for f in families()} == set(names())
     mistral, him = (ROOT / "configs" / name for name in ("mistral_tiny.yaml", "him_tiny.yaml"))
     assert config_hash(load_config(mistral)) == config_hash(load_config(mistral, ["model.him.chunk_size=32"]))
     assert config_hash(load_config(him)) != config_hash(load_config(him, ["model.him.chunk_size=32"]))
@@ -256,8 +257,8 @@ def test_run_hash_and_report_name_the_dataset(tmp_path, text_corpus):
     one must not be reused, and reports say which data they used."""
     from data_pipeline.prepare import prepare
     from pretrain.bench import provenance
-    from pretrain.bench.compare import config_hash
-    from pretrain.config import load_config
+    from pretrain.core.config import load_config
+    from pretrain.research.compare import config_hash
 
     data = tmp_path / "data"
     prepare(str(text_corpus), data, val_fraction=0.25, shard_mb=0.004, log=lambda *_: None)

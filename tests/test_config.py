@@ -1,7 +1,8 @@
 import pytest
 
-from conftest import ROOT, run_cli
-from pretrain.config import ConfigError, load_config, parse_override
+from pretrain.core.config import ConfigError, load_config, parse_override
+
+from helpers import ROOT, run_cli
 
 TINY = ROOT / "configs" / "mistral_tiny.yaml"
 
@@ -58,12 +59,14 @@ def test_override_syntax_errors():
         load_config(TINY, ["train.steps.x=1"])
 
 
+@pytest.mark.integration
 def test_cli_reports_unknown_key_in_one_line():
     result = run_cli("-m", "pretrain", "train", "--config", str(TINY), "--set", "model.no_such_key=1")
     assert result.returncode == 2
     assert "no_such_key" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_cli_help_documents_every_option():
     result = run_cli("-m", "pretrain", "train", "--help")
     assert result.returncode == 0
@@ -71,6 +74,7 @@ def test_cli_help_documents_every_option():
         assert flag in result.stdout
 
 
+@pytest.mark.integration
 def test_dry_run_sizes_7b_without_allocating():
     result = run_cli("-m", "pretrain", "train", "--config", str(ROOT / "configs" / "mistral_7b.yaml"),
                      "--dry-run", "--world-size", "64")
@@ -79,6 +83,7 @@ def test_dry_run_sizes_7b_without_allocating():
     assert "tp 8 x pp 1 x dp 8" in result.stdout and "total" in result.stdout
 
 
+@pytest.mark.integration
 def test_dry_run_rejects_impossible_layout():
     result = run_cli("-m", "pretrain", "train", "--config", str(ROOT / "configs" / "mistral_7b.yaml"),
                      "--dry-run", "--world-size", "12")

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
 from data_pipeline.loader import SlotStream, StreamingLoader
 from data_pipeline.prepare import prepare, split_by_group
 from data_pipeline.shards import ShardError, iter_shard_documents, read_manifest
 from data_pipeline.sources import Document, load_shakespeare
 from data_pipeline.tokenizer import ByteTokenizer, tokenizer_from_manifest
 from data_pipeline.verify import verify
+
+from helpers import run_cli
 
 
 def read_ids(data_dir) -> dict[str, np.ndarray]:
@@ -87,6 +88,7 @@ def test_exact_duplicates_are_removed(tmp_path):
     assert manifest["splits"]["train"]["documents"] == 2
 
 
+@pytest.mark.integration
 def test_prepare_refuses_non_empty_output_and_bad_source(tmp_path, text_corpus):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")
@@ -194,6 +196,7 @@ def damaged(tmp_path, dataset):
     return copy, victim
 
 
+@pytest.mark.integration
 def test_truncated_shard_fails_verify_and_loading(damaged):
     copy, victim = damaged
     problems = verify(copy)
@@ -274,6 +277,7 @@ def test_weighted_mixing_repeats_and_subsamples(tmp_path):
     assert manifest["sources"][1]["weight"] == 0.5
 
 
+@pytest.mark.integration
 def test_bench_data_writes_results(tmp_path, dataset):
     out = tmp_path / "bench"
     result = run_cli("-m", "pretrain", "bench", "data", "--data", str(dataset), "--out", str(out),

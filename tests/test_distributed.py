@@ -2,14 +2,11 @@
 import pytest
 import torch
 
-from pretrain.metrics import read_metrics
+from pretrain.core.metrics import read_metrics
 
-from conftest import run_cli
-from test_train import losses_by_step, train_cmd
+from helpers import losses_by_step, run_cli, torchrun, train_cmd
 
-
-def torchrun(nproc: int, args: list[str]):
-    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args)
+pytestmark = pytest.mark.integration   # every test here starts other processes
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from conftest import run_cli
 from data_pipeline.loader import StreamingLoader
 from model import get_family
-from pretrain.config import load_config
-from pretrain.metrics import read_metrics
-from test_distributed import torchrun
-from test_train import train_cmd
+from pretrain.core.config import load_config
+from pretrain.core.metrics import read_metrics
+
+from helpers import run_cli, torchrun, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +35,7 @@ def our_model(export_dir):
     return cfg, model.eval()
 
 
+@pytest.mark.integration
 def test_merged_tp_shards_reproduce_the_tp2_validation_loss(session, tp2_run, tmp_path):
     cfg, model = our_model(export(tp2_run, tmp_path / "st", "safetensors"))
     loader = StreamingLoader(cfg.data.path, "val", cfg.model.seq_length, cfg.train.micro_batch_size,
@@ -48,6 +48,7 @@ def test_merged_tp_shards_reproduce_the_tp2_validation_loss(session, tp2_run, tm
     assert torch.cat(losses).mean().item() == pytest.approx(final_val["loss"], abs=1e-5)
 
 
+@pytest.mark.integration
 def test_tp2_checkpoint_exports_to_transformers_with_equal_logits(session, tp2_run, tmp_path):
     from transformers import MistralForCausalLM
 
@@ -63,7 +64,7 @@ def test_tp2_checkpoint_exports_to_transformers_with_equal_logits(session, tp2_r
 
 
 def test_sampling_rules():
-    from pretrain.generate import sample_next
+    from pretrain.tools.generate import sample_next
 
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
@@ -76,6 +77,7 @@ def test_sampling_rules():
     assert len({sample_next(logits, 1.0, 0, 1.0, g) for _ in range(300)}) == 5
 
 
+@pytest.mark.integration
 def test_generate_streams_a_deterministic_continuation(tp2_run):
     args = ["-m", "pretrain", "generate", "--ckpt", str(tp2_run), "--prompt", "To be",
             "--max-new-tokens", "24", "--temperature", "0"]

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, build_model, run_cli
+from kernels.fim_geometry import BRANCHES, FimGeometry, route_blocks
+from kernels.fim_reference import fim_attention_blocked as fim_attention
+from kernels.fim_reference import fim_attention_reference, fim_weights_reference
 from model import get_family
-from model.fim_attention import (BRANCHES, FimGeometry, fim_attention, fim_attention_reference,
-                                 fim_weights_reference, route_blocks)
-from test_distributed import torchrun
-from test_train import losses_by_step, train_cmd
+
+from helpers import ROOT, build_model, losses_by_step, run_cli, torchrun, train_cmd
 
 
 def qkv(n, heads=4, groups=2, d=8, batch=2, seed=0):
@@ -110,7 +110,7 @@ def test_model_is_causal_and_counts_match_closed_forms(fim_session):
 
 
 def test_per_layer_settings_reach_each_layer(fim_session):
-    from pretrain.config import FimLayerConfig
+    from model.fim_mistral.config import FimLayerConfig
 
     fim_session.model.fim.layers = [FimLayerConfig(top_k=0, branches="local"),
                                     FimLayerConfig(block_size=16, branching=4)]
@@ -120,6 +120,7 @@ def test_per_layer_settings_reach_each_layer(fim_session):
     assert (second.block, second.branching, second.levels, second.top_k) == (16, 4, 1, 2)
 
 
+@pytest.mark.integration
 def test_fim_at_tp2_equals_tp1(dataset, tmp_path):
     """Two gloo ranks split the heads; FIM's routing and summaries are per head."""
     extra = {"model.name": "fim_mistral", "model.fim.block_size": 8, "train.steps": 4}
@@ -134,12 +135,13 @@ def test_fim_at_tp2_equals_tp1(dataset, tmp_path):
 
 
 def test_mask_documents_is_refused_for_fim():
-    from pretrain.config import ConfigError, load_config
+    from pretrain.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="mask_documents"):
         load_config(ROOT / "configs" / "fim_mistral_tiny.yaml", ["data.mask_documents=true"])
 
 
+@pytest.mark.integration
 def test_bench_attention_writes_the_documented_shape(tmp_path):
     out = tmp_path / "bench"
     result = run_cli("-m", "pretrain", "bench", "attention", "--out", str(out), "--min-n", "128",
@@ -155,6 +157,7 @@ def test_bench_attention_writes_the_documented_shape(tmp_path):
     assert (out / "attention_scaling.png").stat().st_size > 10_000
 
 
+@pytest.mark.integration
 def test_inspect_attention_plots_a_trained_checkpoint(dataset, tmp_path):
     run_dir = tmp_path / "run"
     trained = run_cli(*train_cmd(dataset, run_dir, **{"model.name": "fim_mistral",

@@ -3,11 +3,9 @@ FractalFormer (nested sub-models: extraction, joint training), and both through 
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
+from pretrain.core.config import ConfigError, load_config
 
-from conftest import ROOT, run_cli
-from test_distributed import torchrun
-from test_train import losses_by_step, train_cmd
+from helpers import ROOT, losses_by_step, run_cli, torchrun, train_cmd
 
 
 def model_config(name: str, **extra):
@@ -29,7 +27,7 @@ def build(name: str, seed: int = 0, **extra):
 
 def test_fractal_mamba_architecture_is_drawn_by_its_seed_within_the_ranges():
     from model import get_family
-    from model.fractal_mamba import draw_architecture
+    from model.fractal_mamba.model import draw_architecture
 
     cfg = model_config("fractal_mamba", **{"model.fractal_mamba.modules_per_layer": 3})
     arch = draw_architecture(cfg)
@@ -148,7 +146,7 @@ def test_fractal_configs_are_validated_with_the_key_named():
 
 
 def test_fractal_families_refuse_model_parallel_layouts(dataset, tmp_path):
-    from pretrain.parallel import validate_layout
+    from pretrain.core.parallel import validate_layout
 
     for name in ("fractal_mamba", "fractalformer"):
         cfg = load_config(ROOT / "configs" / "mistral_tiny.yaml",
@@ -164,6 +162,7 @@ FAMILY_RUNS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(FAMILY_RUNS))
 def test_fractal_families_train_with_zero2_on_two_ranks_and_resume_exactly(dataset, tmp_path, name):
     """`pretrain train` on two gloo ranks with ZeRO-2: 10 uninterrupted steps vs stopping after 5

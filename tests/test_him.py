@@ -6,10 +6,9 @@ import shutil
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
+from pretrain.core.config import ConfigError, load_config
 
-from conftest import ROOT, run_cli
-from test_train import losses_by_step, train_cmd
+from helpers import ROOT, losses_by_step, run_cli, train_cmd
 
 
 def him_config(**extra):
@@ -23,7 +22,7 @@ def him_config(**extra):
 
 def test_the_default_config_matches_the_designs_parameter_budget_and_prints_the_table(capsys):
     from model import get_family
-    from model.him import DESIGN_TABLE, component_counts
+    from model.him.model import DESIGN_TABLE, component_counts
 
     cfg = load_config(ROOT / "configs" / "him_7m.yaml")
     model = get_family("him").build(cfg.model, cfg.parallel)
@@ -40,7 +39,7 @@ def test_the_default_config_matches_the_designs_parameter_budget_and_prints_the_
 def test_a_prediction_depends_only_on_earlier_tokens(cognitive):
     """Changing token j leaves every logit before position j unchanged, with memory writes and
     buffer refinements at chunk granularity, for positions inside and at the edge of chunks."""
-    from model.him import HimLM
+    from model.him.model import HimLM
 
     cfg = him_config(**{"model.him.cognitive": cognitive}).model
     torch.manual_seed(0)
@@ -58,7 +57,7 @@ def test_a_prediction_depends_only_on_earlier_tokens(cognitive):
 
 def test_memory_and_buffer_carry_information_across_chunks():
     """A token of chunk 0 reaches chunk 3 through memory and buffer even without attention."""
-    from model.him import HimLM
+    from model.him.model import HimLM
 
     cfg = him_config().model
     torch.manual_seed(0)
@@ -75,7 +74,7 @@ def test_memory_and_buffer_carry_information_across_chunks():
 
 
 def test_auxiliary_losses_and_cognitive_metrics_are_reported_in_training():
-    from model.him import HimLM
+    from model.him.model import HimLM
 
     cfg = him_config().model
     model = HimLM(cfg).train()
@@ -94,8 +93,8 @@ def test_auxiliary_losses_and_cognitive_metrics_are_reported_in_training():
 
 
 def test_multispeed_groups_onecycle_and_lion():
-    from model.him import HimLM
-    from pretrain.engine import SPEED_FACTORS, build_optimizer, lr_lambda
+    from model.him.model import HimLM
+    from pretrain.core.engine import SPEED_FACTORS, build_optimizer, lr_lambda
 
     cfg = him_config(**{"optim.name": "lion", "optim.param_groups": "multispeed", "optim.schedule": "onecycle",
                         "optim.lr": 1e-3, "train.steps": 100, "parallel.zero_stage": 0})
@@ -124,8 +123,8 @@ def test_multispeed_groups_onecycle_and_lion():
 def test_int8_quantization_stays_close_to_the_float_model():
     """Tolerance: after a little training, the int8 model's next-token distributions are within
     0.02 nats (mean KL) of the float model's and agree on the top token at >= 95% of positions."""
-    from model.him import HimLM
-    from pretrain.compress import quantize_int8
+    from model.him.model import HimLM
+    from pretrain.tools.quantize import quantize_int8
 
     cfg = him_config().model
     torch.manual_seed(0)
@@ -139,7 +138,7 @@ def test_int8_quantization_stays_close_to_the_float_model():
     model.eval()
     with torch.no_grad():
         reference = torch.log_softmax(model(ids), -1)
-        quantized = quantize_int8(model)
+        quantized = quantize_int8(model, cfg)
         approx = torch.log_softmax(quantized(ids), -1)
     assert isinstance(quantized.head, torch.ao.nn.quantized.dynamic.Linear)       # the untied head too
     assert isinstance(quantized.layers[0].ffn.up, torch.ao.nn.quantized.dynamic.Linear)
@@ -148,6 +147,7 @@ def test_int8_quantization_stays_close_to_the_float_model():
     assert (reference.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.95
 
 
+@pytest.mark.integration
 def test_him_trains_with_lion_resumes_exactly_and_compresses_to_an_int8_generator(dataset, tmp_path):
     """`pretrain train` (Lion, multi-speed groups, OneCycle, ZeRO-0): uninterrupted vs resumed
     losses equal; `compress` prunes and fine-tunes; `generate --int8` runs the result."""
@@ -187,7 +187,7 @@ def test_him_trains_with_lion_resumes_exactly_and_compresses_to_an_int8_generato
 def test_incremental_decoding_equals_the_full_forward(cognitive):
     """KV caches plus chunk states (model/him_decode.py): token-by-token logits equal the full
     forward's at every position, across chunk boundaries, memory writes and buffer refinements."""
-    from model.him import HimLM
+    from model.him.model import HimLM
 
     cfg = him_config(**{"model.him.cognitive": cognitive, "model.him.reasoning_every": 2,
                         "model.num_layers": 4}).model
@@ -208,6 +208,7 @@ def test_incremental_decoding_equals_the_full_forward(cognitive):
             torch.testing.assert_close(logits, model(window)[:, -1], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_bench_generate_reports_float_and_int8_speed_and_memory_per_batch(tmp_path):
     import json
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
 
 KERNELS = {"_rmsnorm_fwd", "_rmsnorm_bwd", "_swiglu_fwd", "_swiglu_bwd", "_rotary_kernel", "_ce_fwd",
            "_ce_bwd", "_fim_fwd", "_fim_bwd", "_scan_fwd", "_scan_bwd"}
@@ -20,6 +22,7 @@ def _compiler_env(tmp_path) -> dict:
     return {**env, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache"), "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.integration
 def test_every_kernel_compiles_for_sm90_and_fits(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain", "check-kernels", "--arch", "90",
                            "--dtypes", "bfloat16", "float32", "--out", str(tmp_path / "out")],
@@ -46,7 +49,7 @@ def test_every_kernel_compiles_for_sm90_and_fits(tmp_path):
 
 BAD_KERNEL = textwrap.dedent('''
     import torch, triton, triton.language as tl
-    from pretrain.kernel_check import compile_only
+    from pretrain.bench.kernel_check import compile_only
 
     @triton.jit
     def reshape_in_if(x_ptr, n, BLOCK: tl.constexpr):
@@ -69,6 +72,7 @@ BAD_KERNEL = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.integration
 def test_compile_only_rejects_what_the_interpreter_runs(tmp_path):
     """The bug class check-kernels exists for (FIM's kernels had one): an `if` that gives a
     variable another shape runs in the interpreter and does not compile."""
@@ -85,7 +89,7 @@ def test_compile_only_rejects_what_the_interpreter_runs(tmp_path):
 
 
 def test_resource_limits_name_what_does_not_fit():
-    from pretrain.kernel_check import resource_problems
+    from pretrain.bench.kernel_check import resource_problems
 
     fits = {"shared_bytes": 120_000, "num_warps": 8, "registers": 255}
     assert resource_problems(fits, 90) == resource_problems(fits, 80) == []
@@ -97,6 +101,7 @@ def test_resource_limits_name_what_does_not_fit():
     assert resource_problems(too_big, 90) == ["200 registers x 512 threads exceed 65536 per block"]
 
 
+@pytest.mark.integration
 def test_check_kernels_refuses_to_run_under_the_interpreter(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain", "check-kernels", "--ops", "rmsnorm"],
                           cwd=ROOT, env={**_compiler_env(tmp_path), "TRITON_INTERPRET": "1"},

@@ -6,8 +6,7 @@ deliberately not multiples of the kernels' blocks."""
 import pytest
 import torch
 
-from kernels import (cross_entropy, dispatch, fim_attention, rmsnorm, rotary, selective_scan,
-                     swiglu)
+from kernels import cross_entropy, dispatch, fim_attention, rmsnorm, rotary, selective_scan, swiglu
 
 DTYPES = [torch.float32, torch.float16]
 # fp16: the kernels compute in fp32 and round once; compared with the fp32 reference rounded once.
@@ -102,8 +101,8 @@ FIM_CASES = [  # (block, branching, top_k, branches, n): n not a multiple of the
 @pytest.mark.parametrize("block, branching, top_k, branches, n", FIM_CASES)
 def test_fim_attention_kernel_matches_torch_path(triton_mode, dtype, block, branching, top_k,
                                                  branches, n):
-    from model.fim_attention import FimGeometry
-    from model.fim_attention import fim_attention as torch_path
+    from kernels.fim_geometry import FimGeometry
+    from kernels.fim_reference import fim_attention_blocked as torch_path
 
     geom = FimGeometry(block, branching, FimGeometry.auto_levels(n, block, branching), top_k)
     g = torch.Generator().manual_seed(0)
@@ -189,7 +188,7 @@ def test_dispatch_uses_references_on_cpu_and_when_forced():
 
 def test_every_family_build_applies_model_kernels_as_the_dispatch_mode():
     from model import get_family
-    from pretrain.config import load_config
+    from pretrain.core.config import load_config
 
     try:
         for mode in ("reference", "auto"):
@@ -242,7 +241,7 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 
 
 def test_mistral_runs_its_fusable_ops_through_the_dispatchers(session, monkeypatch):
-    from conftest import build_model
+    from helpers import build_model
 
     counts = {"norm": _count_calls(monkeypatch, rmsnorm, "rmsnorm_reference"),
               "swiglu": _count_calls(monkeypatch, swiglu, "swiglu_reference"),
@@ -261,7 +260,7 @@ def test_mistral_runs_its_fusable_ops_through_the_dispatchers(session, monkeypat
 @pytest.mark.parametrize("family", ["mistral", "fim_mistral"])
 def test_on_cuda_the_models_take_the_triton_kernels_and_match_the_references(session, monkeypatch,
                                                                             family):
-    from conftest import build_model
+    from helpers import build_model
 
     kernels = [("norm", rmsnorm._RMSNormTriton), ("swiglu", swiglu._SwiGLUTriton),
                ("rope", rotary._RotaryTriton), ("loss", cross_entropy._CrossEntropyTriton)]
@@ -291,10 +290,11 @@ def test_on_cuda_the_models_take_the_triton_kernels_and_match_the_references(ses
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_bench_kernels_on_cpu_times_the_references_and_says_why(tmp_path):
     import json
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     proc = run_cli("-m", "pretrain", "bench", "kernels", "--out", str(tmp_path), "--repeats", "2",
                    "--ops", "rmsnorm", "rotary")
@@ -330,8 +330,8 @@ def test_on_cuda_row_wise_kernels_address_past_2_to_the_31_elements(triton_mode)
 
 
 def test_fim_tiles_past_the_kernels_largest_take_the_torch_path_with_a_warning(triton_mode, monkeypatch):
-    from model.fim_attention import FimGeometry
-    from model.fim_attention import fim_attention as torch_path
+    from kernels.fim_geometry import FimGeometry
+    from kernels.fim_reference import fim_attention_blocked as torch_path
 
     bf16, fp32 = torch.bfloat16, torch.float32
     assert fim_attention.launch_options(32, 128, bf16) == dict(num_warps=8, num_stages=3)

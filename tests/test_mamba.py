@@ -3,7 +3,7 @@ recurrently."""
 import torch
 
 from kernels import dispatch
-from model.mamba import MambaBlock
+from model.fractal_mamba.mamba import MambaBlock
 
 
 def _pair(hidden=32, state=8, conv=4, seed=0):

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from conftest import build_model as build
 from model import get_family
 from model.attention import causal_attention
+
+from helpers import build_model as build
 
 
 def test_closed_form_parameter_count_matches_the_model(session):
@@ -62,8 +63,9 @@ def test_document_mask_keeps_packed_documents_apart(session):
 
 
 def test_training_flops_formula(session):
-    from pretrain.config import load_config
-    from conftest import ROOT
+    from pretrain.core.config import load_config
+
+    from helpers import ROOT
 
     cfg = load_config(ROOT / "configs" / "mistral_7b.yaml")
     n = get_family("mistral").parameter_count(cfg.model)

@@ -5,12 +5,11 @@ import copy
 import pytest
 import torch
 
-from pretrain.config import ConfigError, QControlConfig, load_config
-from pretrain.metrics import read_metrics
-from pretrain.qcontrol import ACTIONS, QController
+from pretrain.core.config import ConfigError, QControlConfig, load_config
+from pretrain.core.metrics import read_metrics
+from pretrain.core.qcontrol import ACTIONS, QController
 
-from conftest import ROOT, run_cli
-from test_train import losses_by_step, train_cmd
+from helpers import ROOT, losses_by_step, run_cli, train_cmd
 
 
 def feed(controller, losses, norm=1.0):
@@ -70,6 +69,7 @@ def test_the_momentum_must_start_within_the_bounds():
         load_config(None, ["optim.qcontrol.lr_scale_min=2.0"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"], ids=["adamw", "enhanced-sgd"])
 def test_the_trainer_applies_logs_and_resumes_the_controller_exactly(dataset, tmp_path, optimizer):
     """With optim.name=sgd this is the BSFIN design's EnhancedSGD: SGD whose LR and momentum the
@@ -102,8 +102,8 @@ def test_the_trainer_applies_logs_and_resumes_the_controller_exactly(dataset, tm
 
 
 def test_the_controller_sets_sgds_momentum():
-    from pretrain.engine import build_optimizer
-    from pretrain.qcontrol import QController
+    from pretrain.core.engine import build_optimizer
+    from pretrain.core.qcontrol import QController
 
     cfg = load_config(ROOT / "configs" / "mistral_tiny.yaml", ["optim.name=sgd", "parallel.zero_stage=0",
                                                                "optim.qcontrol.enabled=true", "optim.beta1=0.9"])

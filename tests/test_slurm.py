@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_overrides
-from test_train import losses_by_step
+from helpers import ROOT, losses_by_step, tiny_overrides
 
 pytestmark = pytest.mark.slurm
 CLUSTER = ROOT / "slurm" / "local_cluster.sh"
@@ -53,6 +52,12 @@ def job_info(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
                          check=True).stdout
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def node_states() -> list[str]:
+    """`sinfo`'s nodes and states, flat: ["pnode1", "idle", "pnode2", "idle"]."""
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                          timeout=30).stdout.split()
 
 
 def submit(tmp_path: Path, name: str, overrides: list[str]) -> str:
@@ -149,6 +154,17 @@ def test_bad_config_job_fails_with_the_error_in_its_log(cluster, dataset, tmp_pa
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def submit_ray(tmp_path: Path, name: str, command: list[str], **env: str) -> str:
+    """slurm/ray_cluster.sbatch COMMAND; the test's own RAY_AUTH_* do not leak into the job."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+           "PRETRAIN_PYTHON": sys.executable, "PRETRAIN_LOG_ROOT": str(tmp_path / "logs"), **env}
+    out = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out",
+                          str(ROOT / "slurm" / "ray_cluster.sbatch"), *command],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
 def test_ray_cluster_job_runs_a_tune_search_against_every_node(cluster, dataset, tmp_path):
     """slurm/ray_cluster.sbatch starts Ray on both nodes and runs `pretrain tune` against it
     (RAY_ADDRESS exported): two FIFO trials finish, then Ray stops everywhere."""
@@ -158,14 +174,8 @@ def test_ray_cluster_job_runs_a_tune_search_against_every_node(cluster, dataset,
     spec["overrides"] += [f"data.path={dataset}", "train.steps=20", "model.seq_length=32"]
     spec.update(num_samples=2, cpus_per_trial=1, scheduler={"name": "fifo"})
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PRETRAIN_PYTHON": sys.executable, "PRETRAIN_LOG_ROOT": str(tmp_path / "logs")}
-    command = [sys.executable, "-m", "pretrain", "tune", "--config", str(tmp_path / "tune.yaml"),
-               "--out", str(tmp_path / "tune")]
-    out = subprocess.run(["sbatch", "--parsable", "--job-name=ray", f"--output={tmp_path}/%x-%j.out",
-                          str(ROOT / "slurm" / "ray_cluster.sbatch"), *command],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    job = out.stdout.strip().split(";")[0]
+    job = submit_ray(tmp_path, "ray", [sys.executable, "-m", "pretrain", "tune", "--config",
+                                       str(tmp_path / "tune.yaml"), "--out", str(tmp_path / "tune")])
     info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
     batch = (tmp_path / f"ray-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", batch[-3000:]
@@ -177,14 +187,75 @@ def test_ray_cluster_job_runs_a_tune_search_against_every_node(cluster, dataset,
     assert not [p for p in ps.splitlines() if "raylet" in p and not p.startswith("Z")]
 
 
+# COMMAND for the Ray job below: the job's own driver, then two that lack its token, connecting
+# to the head by address (RAY_ADDRESS) as anything on the cluster network could.
+AUTH_PROBE = """
+import os, subprocess, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+token = os.environ["RAY_AUTH_TOKEN_PATH"]
+print("modes", oct(os.stat(os.path.dirname(token)).st_mode & 0o777), oct(os.stat(token).st_mode & 0o777))
+ray.init(logging_level="ERROR", log_to_driver=False)
+where = ray.remote(lambda: os.environ["SLURMD_NODENAME"])
+on_node = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in ray.nodes() if n["Alive"]]
+ran_on = ray.get([where.options(scheduling_strategy=s).remote() for s in on_node])
+print("with the token, tasks ran on", sorted(ran_on))
+ray.shutdown()
+
+# No auth settings at all (and an empty HOME, so no ~/.ray/auth_token), or a wrong token.
+none = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": sys.argv[1]}
+wrong = none | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+drivers = {"no token": none, "wrong token": wrong}
+connect = "import ray; ray.init(logging_level='ERROR', log_to_driver=False); print('CONNECTED')"
+procs = {name: subprocess.Popen([sys.executable, "-c", connect], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for name, env in drivers.items()}
+for name, proc in procs.items():  # Ray retries for ~20 s, then gives up
+    out = proc.communicate(timeout=180)[0]
+    print(f"{name}: exit {proc.returncode}, connected {'CONNECTED' in out}, "
+          f"refused {'Authentication token is missing or incorrect' in out}")
+"""
+
+
+def test_ray_cluster_job_requires_its_token(cluster, tmp_path):
+    """By default the Ray cluster of a job takes only drivers that hold the job's token (a
+    per-job file only the user can read), and the token is gone once the job ends."""
+    (tmp_path / "probe.py").write_text(AUTH_PROBE)
+    (tmp_path / "home").mkdir()
+    # A token left in the submitting shell is not the job's: it is the probe's "wrong token".
+    job = submit_ray(tmp_path, "rayauth",
+                     [sys.executable, str(tmp_path / "probe.py"), str(tmp_path / "home")],
+                     RAY_AUTH_TOKEN="0" * 64)
+    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    batch = (tmp_path / f"rayauth-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", batch[-3000:]
+    assert "Ray cluster ready: 2/2 nodes" in batch  # the worker node joined with the token
+    assert "modes 0o700 0o600" in batch
+    assert "with the token, tasks ran on ['pnode1', 'pnode2']" in batch
+    assert "no token: exit 1, connected False, refused True" in batch, batch[-3000:]
+    assert "wrong token: exit 1, connected False, refused True" in batch, batch[-3000:]
+    assert not (tmp_path / "logs" / f"rayauth-{job}" / "ray-auth").exists()
+
+
+def test_ray_cluster_job_refuses_an_unknown_auth_mode(cluster, tmp_path):
+    job = submit_ray(tmp_path, "raymode", ["true"], RAY_AUTH_MODE="tokn")
+    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    batch = (tmp_path / f"raymode-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), info
+    assert "RAY_AUTH_MODE=tokn: expected token (the default) or disabled" in batch
+    assert "Ray head" not in batch  # refused before starting anything
+
+
 def test_local_cluster_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
     # Runs last in this module: it stops the cluster, then starts it again for whoever started it.
     again = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already running" in again.stdout, again.stdout + again.stderr
     assert subprocess.run([CLUSTER, "status"], capture_output=True).returncode == 0
 
-    stopped = subprocess.run([CLUSTER, "stop"], capture_output=True, text=True, timeout=120)
-    assert stopped.returncode == 0, stopped.stderr
+    # `stop` itself waits until every daemon has exited (SIGKILL after 30 s, up to 3 groups of
+    # daemons), so the check right after it is the contract, not a race.
+    stopped = subprocess.run([CLUSTER, "stop"], capture_output=True, text=True, timeout=200)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     ps = subprocess.run(["ps", "-eo", "pid=,stat=,comm="], capture_output=True, text=True).stdout
     left = [line for line in ps.splitlines() if line.split()[2] in DAEMONS
             and not line.split()[1].startswith("Z")]  # exited, awaiting their parent's wait
@@ -193,5 +264,8 @@ def test_local_cluster_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
 
     restarted = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=300)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
-    assert subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
-                          text=True).stdout.split() == ["pnode1", "idle", "pnode2", "idle"]
+    # `start` returns once both nodes are schedulable; a loaded slurmctld may still answer slowly.
+    deadline = time.monotonic() + 60
+    while (nodes := node_states()) != ["pnode1", "idle", "pnode2", "idle"]:
+        assert time.monotonic() < deadline, f"nodes not idle 60 s after start: {nodes}"
+        time.sleep(0.5)

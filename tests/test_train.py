@@ -1,16 +1,16 @@
 import json
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, build_model, run_cli, tiny_config, tiny_overrides
-from pretrain import checkpoint, parallel
-from pretrain.engine import build_engine
-from pretrain.metrics import read_metrics
-from pretrain.trainer import EXIT_STOPPED
+from pretrain.core import checkpoint, parallel
+from pretrain.core.engine import build_engine
+from pretrain.core.metrics import read_metrics
+from pretrain.core.trainer import EXIT_STOPPED
+
+from helpers import ROOT, build_model, losses_by_step, run_cli, tiny_config, train_cmd
 
 
 def build(cfg, seed):
@@ -92,17 +92,6 @@ def test_retention_keeps_last_n_and_removes_incomplete(session, tmp_path):
     assert checkpoint.latest_tag(ckpt) == "step_00000003"
 
 
-def train_cmd(dataset, run_dir, **extra):
-    args = ["-m", "pretrain", "train", "--config", str(ROOT / "configs" / "mistral_tiny.yaml")]
-    for item in tiny_overrides(dataset, run_dir, **extra):
-        args += ["--set", item]
-    return args
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
-
-
 SIGNAL_TEST_STEPS = 400
 
 
@@ -114,6 +103,7 @@ def uninterrupted(dataset, tmp_path_factory) -> dict[int, float]:
     return losses_by_step(reference)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, uninterrupted, sig):
     import subprocess
@@ -143,6 +133,7 @@ def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, uninter
     assert resumed == uninterrupted  # data order, RNG, optimizer and LR schedule all restored
 
 
+@pytest.mark.integration
 def test_wandb_logs_offline_inside_the_run_dir(dataset, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(*train_cmd(dataset, run_dir, **{"log.wandb": True, "train.steps": 2}),
@@ -170,6 +161,7 @@ def damage_every_train_shard(dataset, tmp_path):
     return copy, victim.name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_names_a_corrupt_shard_or_skips_and_counts_it(dataset, tmp_path, workers):
     copy, victim = damage_every_train_shard(dataset, tmp_path)
@@ -183,14 +175,16 @@ def test_training_names_a_corrupt_shard_or_skips_and_counts_it(dataset, tmp_path
     assert records[-1]["data_skipped_shards"] >= 1
 
 
+@pytest.mark.integration
 def test_wrong_tokenizer_is_refused(dataset, tmp_path):
     result = run_cli(*train_cmd(dataset, tmp_path / "run", **{"data.tokenizer": "sentencepiece"}))
     assert result.returncode == 2
     assert "data.tokenizer=sentencepiece" in result.stderr and "bytes" in result.stderr
 
 
+@pytest.mark.integration
 def test_sigkill_mid_checkpoint_keeps_latest_on_the_previous_one(dataset, tmp_path):
-    from pretrain.checkpoint import KILL_MID_CHECKPOINT_ENV
+    from pretrain.core.checkpoint import KILL_MID_CHECKPOINT_ENV
 
     extra = {"train.steps": 9, "train.checkpoint_every": 3}
     reference = tmp_path / "reference"
@@ -208,9 +202,10 @@ def test_sigkill_mid_checkpoint_keeps_latest_on_the_previous_one(dataset, tmp_pa
     assert not (ckpts / "step_00000006").exists() or (ckpts / "step_00000006" / "COMPLETE").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_nonfinite_updates_are_skipped_counted_and_abort_when_persistent(dataset, tmp_path, zero_stage):
-    from pretrain.trainer import EXIT_DIVERGED, NAN_AT_STEPS_ENV
+    from pretrain.core.trainer import EXIT_DIVERGED, NAN_AT_STEPS_ENV
 
     extra = {"train.steps": 8, "parallel.zero_stage": zero_stage, "train.max_skipped_steps": 2}
     clean = tmp_path / "clean"
@@ -232,10 +227,11 @@ def test_nonfinite_updates_are_skipped_counted_and_abort_when_persistent(dataset
     assert "Traceback" not in diverged.stderr
 
 
+@pytest.mark.integration
 def test_skipped_step_count_survives_resume(dataset, tmp_path):
     import shutil
 
-    from pretrain.trainer import NAN_AT_STEPS_ENV
+    from pretrain.core.trainer import NAN_AT_STEPS_ENV
 
     extra = {"train.steps": 8, "train.checkpoint_every": 4, "train.keep_last": 0}
     run_dir = tmp_path / "run"
@@ -256,8 +252,8 @@ def test_skipped_step_count_survives_resume(dataset, tmp_path):
     (0, "fp32", 0.5, 0.0, 0.5), (0, "bf16", 0.5, 0.5, 0.0)])
 def test_gradient_clipping_is_done_once_and_zero_disables_it(dataset, tmp_path, zero_stage, dtype,
                                                              grad_clip, deepspeed_clip, ours):
-    from pretrain.engine import SkippingAdamW, build_optimizer, deepspeed_config
-    from pretrain.parallel import Layout
+    from pretrain.core.engine import SkippingAdamW, build_optimizer, deepspeed_config
+    from pretrain.core.parallel import Layout
 
     cfg = load_config_tiny(dataset, tmp_path, zero_stage, dtype, grad_clip)
     layout = Layout(0, 1, 0, 1, 1, 1, 0, 0, 0, torch.device("cpu"))
@@ -269,7 +265,7 @@ def test_gradient_clipping_is_done_once_and_zero_disables_it(dataset, tmp_path, 
 
 
 def load_config_tiny(dataset, tmp_path, zero_stage, dtype, grad_clip):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(dataset, tmp_path / "run", **{"parallel.zero_stage": zero_stage,
                                                       "parallel.dtype": dtype,
@@ -277,7 +273,7 @@ def load_config_tiny(dataset, tmp_path, zero_stage, dtype, grad_clip):
 
 
 def test_zero0_clips_by_the_global_norm_and_reports_it(session):
-    from pretrain.engine import SkippingAdamW
+    from pretrain.core.engine import SkippingAdamW
 
     weights = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     weights[0].grad, weights[1].grad = torch.full((3,), 2.0), torch.full((4,), 1.0)
@@ -294,7 +290,7 @@ def test_zero0_clips_by_the_global_norm_and_reports_it(session):
 def test_a_fresh_start_does_not_repeat_an_interrupted_attempts_records(dataset, tmp_path):
     """A run restarted from step 0 (no checkpoint yet) starts a new log; a resume keeps the
     records up to its checkpoint."""
-    from pretrain.metrics import RunLogger
+    from pretrain.core.metrics import RunLogger
 
     cfg = tiny_config(dataset, tmp_path)
     log = tmp_path / "metrics.jsonl"

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from pretrain.config import ConfigError
+from pretrain.core.config import ConfigError
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 
 def spec_file(tmp_path, dataset, **changes) -> str:
@@ -20,7 +20,7 @@ def spec_file(tmp_path, dataset, **changes) -> str:
 
 
 def test_the_spec_is_checked_against_the_run_config(tmp_path, dataset):
-    from pretrain.tune import load_spec
+    from pretrain.research.tune_spec import load_spec
 
     bad_key = [{"key": "optim.learning_rate", "distribution": "uniform", "low": 0.1, "high": 0.2}]
     with pytest.raises(ConfigError, match="optim.learning_rate"):
@@ -32,6 +32,7 @@ def test_the_spec_is_checked_against_the_run_config(tmp_path, dataset):
         load_spec(spec_file(tmp_path, dataset, schedulr={}))
 
 
+@pytest.mark.integration
 def test_a_pbt_search_completes_records_exploits_and_restores(tmp_path, dataset):
     out = tmp_path / "out"
     config = spec_file(tmp_path, dataset, scheduler={"name": "pbt", "perturbation_interval": 1,
@@ -62,7 +63,8 @@ def test_a_pbt_search_completes_records_exploits_and_restores(tmp_path, dataset)
 def test_the_layout_policy_learns_the_rewarded_choice():
     """REINFORCE over per-layer categoricals: rewarding one block size in layer 0 and one top-k in
     layer 1 makes those the policy's most likely choices; the others stay near uniform."""
-    from pretrain.layout_search import LayoutPolicy, LayoutSearchSpec
+    from pretrain.research.layout_search import LayoutPolicy
+    from pretrain.research.tune_spec import LayoutSearchSpec
 
     policy = LayoutPolicy(LayoutSearchSpec(enabled=True, learning_rate=0.3), num_layers=2, seed=0)
     for _ in range(300):
@@ -76,7 +78,7 @@ def test_the_layout_policy_learns_the_rewarded_choice():
 
 
 def test_the_layout_search_spec_is_checked(tmp_path, dataset):
-    from pretrain.tune import load_spec
+    from pretrain.research.tune_spec import load_spec
 
     spec = yaml.safe_load((ROOT / "configs" / "tune" / "fim_layout_tiny.yaml").read_text())
     spec["layout_search"]["block_size"] = [8, 32]           # the base config's 16 is missing
@@ -93,7 +95,8 @@ def test_the_layout_search_spec_is_checked(tmp_path, dataset):
 
 def test_pbt_explore_values_are_clipped_to_the_search_space():
     """Ray's PBT perturbs by x0.8 / x1.2 regardless of bounds: beta1 0.91 would become 1.09."""
-    from pretrain.tune import ClipToSearchSpace, SearchDim
+    from pretrain.research.tune import ClipToSearchSpace
+    from pretrain.research.tune_spec import SearchDim
 
     clip = ClipToSearchSpace([SearchDim("optim.beta1", "uniform", 0.8, 0.95),
                               SearchDim("optim.lr", "loguniform", 1e-4, 1e-2),

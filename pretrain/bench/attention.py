@@ -12,6 +12,7 @@ fails is recorded as skipped with the reason; the sweep goes on.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing as mp
@@ -19,6 +20,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from pretrain.tools.plots import figure
 
 METHODS = ("dense", "sliding_window", "fim")
 
@@ -54,9 +57,10 @@ def _measure(method: str, n: int, shape: Shape, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from kernels.fim_geometry import FimGeometry
+    from kernels.fim_reference import fim_attention_blocked as fim_attention
     from model.attention import causal_attention
-    from model.fim_attention import FimGeometry, fim_attention
-    from pretrain.throughput import peak_memory_since, reset_peak_memory
+    from pretrain.core.throughput import peak_memory_since, reset_peak_memory
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -123,31 +127,24 @@ def fit_exponent(points: list[dict], lo: int, hi: int) -> float | None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, entry in results["methods"].items():
-        pts = [p for p in entry["points"] if "fwd_bwd_ms" in p]
-        if not pts:
-            continue
-        label = f"{name} (exponent {entry['exponent']:.2f})" if entry["exponent"] else name
-        ax_t.plot([p["n"] for p in pts], [p["fwd_bwd_ms"] for p in pts], "o-", label=label)
-        ax_m.plot([p["n"] for p in pts], [max(p["peak_mb"], 1e-1) for p in pts], "o-", label=name)
-    for ax, ylabel in ((ax_t, "forward+backward ms"), (ax_m, "peak memory MB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"attention scaling on {results['device']} ({results['shape']['dtype']}, "
-                 f"{results['shape']['heads']} heads / {results['shape']['kv_heads']} KV, "
-                 f"d={results['shape']['head_dim']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, (ax_t, ax_m)):
+        for name, entry in results["methods"].items():
+            pts = [p for p in entry["points"] if "fwd_bwd_ms" in p]
+            if not pts:
+                continue
+            label = f"{name} (exponent {entry['exponent']:.2f})" if entry["exponent"] else name
+            ax_t.plot([p["n"] for p in pts], [p["fwd_bwd_ms"] for p in pts], "o-", label=label)
+            ax_m.plot([p["n"] for p in pts], [max(p["peak_mb"], 1e-1) for p in pts], "o-", label=name)
+        for ax, ylabel in ((ax_t, "forward+backward ms"), (ax_m, "peak memory MB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"attention scaling on {results['device']} ({results['shape']['dtype']}, "
+                     f"{results['shape']['heads']} heads / {results['shape']['kv_heads']} KV, "
+                     f"d={results['shape']['head_dim']})")
 
 
 def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
@@ -194,3 +191,40 @@ def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
             print(f"{other} / dense at N={n}: {ratio:.3f}")
     print(f"results in {out_dir / 'results.json'}, plot {out_dir / 'attention_scaling.png'}")
     return results
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("attention", help="fwd+bwd time and memory vs sequence length: dense, "
+                                         "sliding window, FIM",
+                       description="Times forward+backward of dense causal SDPA, the baseline's "
+                                   "sliding-window attention and FIM attention (and, with "
+                                   "--methods dense_ours, dense attention as the models run it: "
+                                   "on CPU our block-causal op up to 512 positions) at N = 2^k from "
+                                   "--min-n to --max-n (each point in a fresh process), fits "
+                                   "time ~ N^exponent over --fit-range, writes OUT/results.json "
+                                   "and OUT/attention_scaling.png.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--min-n", type=int, default=1024, help="smallest sequence length (default 1024)")
+    p.add_argument("--max-n", type=int, default=32768, help="largest sequence length (default 32768)")
+    p.add_argument("--fit-range", type=int, nargs=2, default=[4096, 16384], metavar=("LO", "HI"),
+                   help="N range of the exponent fit (default 4096 16384)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per point, median (default 3)")
+    p.add_argument("--memory-gb", type=float, default=16.0,
+                   help="skip points estimated to need more memory (default 16)")
+    p.add_argument("--methods", nargs="+", default=["dense", "sliding_window", "fim"],
+                   choices=["dense", "sliding_window", "fim", "dense_ours"])
+    for name, default, text in (("batch", 1, "batch size"), ("heads", 8, "query heads"),
+                                ("kv-heads", 2, "key/value heads"), ("head-dim", 64, "head dim"),
+                                ("window", 4096, "sliding window"), ("block", 64, "FIM leaf block"),
+                                ("branching", 4, "FIM branching"), ("top-k", 2, "FIM routed blocks")):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return p
+
+
+def main(args) -> int:
+    shape = Shape(args.batch, args.heads, args.kv_heads, args.head_dim, args.window, args.block,
+                  args.branching, args.top_k, args.dtype)
+    run(args.out, args.min_n, args.max_n, shape, args.repeats, args.memory_gb, tuple(args.methods),
+        tuple(args.fit_range))
+    return 0

@@ -6,6 +6,7 @@ would see. Per-worker figures divide by the worker count.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -47,3 +48,21 @@ def run(data_dir: str, out: str, seq_len: int = 2048, micro_batch: int = 8,
               f"{r['mb_per_s_per_worker']:>12.1f}")
     print(f"packed {seq_len}-token sequences, batch {micro_batch}; results in {out}/results.json")
     return results
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("data", help="packed-sequence throughput of the loader, 1 and 2 workers",
+                       description="Streams packed training batches from a prepared dataset with "
+                                   "1 and then 2 DataLoader workers and reports MB/s of source "
+                                   "bytes delivered, in total and per worker.")
+    p.add_argument("--data", required=True, help="dataset directory written by data_pipeline prepare")
+    p.add_argument("--out", required=True, help="output directory for results.json")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per run (default 5)")
+    return p
+
+
+def main(args) -> int:
+    run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
+    return 0

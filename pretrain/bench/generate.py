@@ -3,27 +3,30 @@
 Each (mode, batch) runs in its own child process (peak RSS is per process): load the model (a
 checkpoint, or a config built with random weights: speed and memory do not depend on the
 weights), then greedily generate ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt for
-``batch`` independent sequences through the same next-token path as `pretrain generate` (models
-with a ``step`` carry a state; the others re-run the last ``model.seq_length`` tokens per token:
+``batch`` independent sequences through the same next-token path as `pretrain generate` (families
+with incremental decoding carry a state; the others re-run the last ``model.seq_length`` tokens per token:
 no KV cache). Tokens/s counts every sequence's generated tokens over the generation time, the
 prompt's forward pass included (as a user would see it); batch 1 is the latency of one stream,
 larger batches the throughput of a server.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from . import provenance
+from pretrain.bench import provenance
+from pretrain.core.model_dir import CHECKPOINT_HELP
 
 
 def _load(ckpt: str | None, config: str | None, overrides: list[str], int8: bool):
     import torch
 
-    from ..config import load_config
-    from ..generate import Generator, build_single_process
+    from pretrain.core.config import load_config
+    from pretrain.core.model_dir import build_single_process
+    from pretrain.tools.generate import Generator
 
     if ckpt:
         gen = Generator(ckpt, int8=int8)
@@ -34,8 +37,8 @@ def _load(ckpt: str | None, config: str | None, overrides: list[str], int8: bool
     torch.manual_seed(0)
     model = build_single_process(cfg).eval()
     if int8:
-        from ..compress import quantize_int8
-        model = quantize_int8(model)
+        from pretrain.tools.quantize import quantize_int8
+        model = quantize_int8(model, cfg.model)
     return model, cfg
 
 
@@ -45,7 +48,8 @@ def child(args: dict) -> dict:
 
     import torch
 
-    from .. import compress, generate  # noqa: F401  the code generation needs, before any model
+    from model import get_family
+    from pretrain.tools import generate, quantize  # noqa: F401  the code generation needs, before any model
     torch.set_num_threads(args["threads"] or torch.get_num_threads())
     runtime_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model, cfg = _load(args["ckpt"], args["config"], args["overrides"], args["int8"])
@@ -54,7 +58,7 @@ def child(args: dict) -> dict:
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         start = time.perf_counter()
-        if hasattr(model, "step"):
+        if get_family(cfg.model.name).supports.incremental_decoding:
             state = model.initial_state(batch)
             for t in range(ids.shape[1]):
                 logits, state = model.step(ids[:, t], state)
@@ -115,3 +119,28 @@ def run(ckpt: str | None, config: str | None, overrides: list[str], out: str, pr
               f"{m['runtime_rss_mb']:.0f} | {m['peak_rss_mb'] - m['runtime_rss_mb']:.0f} |" for m in runs]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return results
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="CPU generation tokens/s and peak RSS, float vs int8",
+                       description="Greedy generation in a child process per mode (float, int8 dynamic "
+                       "quantization), from a checkpoint or from a config with random weights.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help=CHECKPOINT_HELP + ", or an export/compress directory")
+    source.add_argument("--config", help="run config YAML built with random weights (needs model.vocab_size)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a --config key (repeatable)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
+    p.add_argument("--new-tokens", type=int, default=256, help="generated tokens (default 256)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B",
+                   help="sequences generated together, one or more sizes (default 1: one stream's latency)")
+    return p
+
+
+def main(args) -> int:
+    run(args.ckpt, args.config, args.overrides, args.out, args.prompt_tokens, args.new_tokens, args.threads,
+        args.command, tuple(args.batch))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

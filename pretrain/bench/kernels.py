@@ -12,6 +12,7 @@ says so.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import provenance
+from pretrain.bench import provenance
 
 
 @dataclass
@@ -40,12 +41,11 @@ def cases(gpu: bool, tokens: int | None = None, fim_block: int = 32) -> list[Cas
     depend on (``pretrain check-kernels`` uses it to keep host memory small, and ``fim_block``
     to compile FIM's largest tile)."""
     import torch
-
     import torch.nn.functional as F
 
     from kernels import cross_entropy, fim_attention, rmsnorm, rotary, selective_scan, swiglu
-    from model.fim_attention import FimGeometry
-    from model.fim_attention import fim_attention as fim_torch_path
+    from kernels.fim_geometry import FimGeometry
+    from kernels.fim_reference import fim_attention_blocked as fim_torch_path
 
     default_tokens, hidden, ffn = (16384, 4096, 14336) if gpu else (4096, 1024, 2816)
     tokens = tokens or default_tokens
@@ -223,3 +223,25 @@ def render_table(results: dict) -> str:
                  if i in op["implementations"] else "" for i in impls]
         lines.append(f"| {name} | {op['shape']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("kernels", help="fused kernels vs torch eager and torch.compile: time and "
+                                       "bandwidth (Triton on CUDA; references only on CPU)",
+                       description="Times forward+backward of each op in kernels/ (RMSNorm, "
+                                   "SwiGLU, rotary, cross-entropy, FIM attention (also against "
+                                   "dense causal SDPA), selective scan) as the torch reference (eager "
+                                   "and torch.compile) and, on CUDA, as our Triton kernel. Writes "
+                                   "OUT/results.json and OUT/table.md.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per point, median (default 20)")
+    p.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                   choices=["rmsnorm", "swiglu", "rotary", "cross_entropy", "fim_attention",
+                            "selective_scan"],
+                   help="only these ops (default: all)")
+    return p
+
+
+def main(args) -> int:
+    run(args.out, args.repeats, args.ops)
+    return 0

@@ -14,15 +14,16 @@ measured in this run (CPU) or by the GPU's dense bf16 peak.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_config
-from ..throughput import peak_memory_since, reset_peak_memory
-from . import provenance
+from pretrain.bench import provenance
+from pretrain.core.config import ConfigError, RunConfig, load_config
+from pretrain.core.throughput import peak_memory_since, reset_peak_memory
 
 FLOP_FORMULA = "6 * matmul_parameters + 12 * layers * hidden * min(seq, window)"
 PHASES = ("data", "forward", "backward", "forward_backward", "optimizer", "communication",
@@ -38,7 +39,7 @@ def peak_tflops(device) -> tuple[float, str]:
     """(peak per device, where it comes from)."""
     import torch
 
-    from ..throughput import matmul_probe_tflops
+    from pretrain.core.throughput import matmul_probe_tflops
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -74,8 +75,8 @@ class TransformersReference:
         import torch
         from transformers import MistralForCausalLM
 
-        from ..engine import lr_lambda, param_groups
-        from ..export import hf_config
+        from pretrain.core.engine import lr_lambda, param_groups
+        from pretrain.tools.export import hf_config
 
         config = hf_config(cfg)
         config._attn_implementation = "sdpa"
@@ -156,7 +157,7 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
     ours give the phase breakdown. Peak memory: the rise during each side's warm-up steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from ..trainer import EXIT_OK, train
+    from pretrain.core.trainer import EXIT_OK, train
 
     base = reset_peak_memory(device)
     reference = TransformersReference(cfg, device)
@@ -201,11 +202,10 @@ def run(config: str, overrides: list[str], out: str, warmup: int = 5, steps: int
     import torch
 
     from model import get_family
-
-    from ..trainer import dataset_tokenizer, resolve_vocab
+    from pretrain.core.trainer import dataset_tokenizer, resolve_vocab
 
     cfg = load_config(config, overrides)
-    if cfg.model.name != "mistral":
+    if not get_family(cfg.model.name).supports.hf_export:
         raise ConfigError(f"bench train compares against transformers' Mistral: {config} has "
                           f"model.name={cfg.model.name}; use a mistral config")
     resolve_vocab(cfg, dataset_tokenizer(cfg)["vocab_size"])
@@ -271,3 +271,30 @@ def render_table(r: dict) -> str:
     data_logging = phases["fraction"].get("data", 0) + phases["fraction"].get("logging", 0)
     lines += ["", f"data + logging: {data_logging:.2%} of the step."]
     return "\n".join(lines) + "\n"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="training tokens/s of our trainer vs transformers' Mistral, "
+                                     "MFU and a per-phase breakdown",
+                       description="Trains the config's Mistral shape with our trainer (data "
+                                   "loader, DeepSpeed engine, metrics, train.compile as set) and "
+                                   "with transformers' MistralForCausalLM (eager, same batches and "
+                                   "optimizer) in this process; reports median step times, "
+                                   "tokens/s, their ratio, FLOP/s and MFU, peak memory and where "
+                                   "our step time goes. Writes OUT/results.json and OUT/table.md.",
+                       epilog="example: python -m pretrain bench train --config "
+                              "configs/bench_train_tiny.yaml --out reports/bench_train")
+    p.add_argument("--config", required=True, help="a mistral run config (its data must be prepared)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps, median (default 20)")
+    p.add_argument("--profile-steps", type=int, default=5,
+                   help="extra profiled steps of ours for the phase breakdown (default 5)")
+    return p
+
+
+def main(args) -> int:
+    run(args.config, args.overrides, args.out, args.warmup, args.steps, args.profile_steps, args.command)
+    return 0

@@ -1,0 +1,1 @@
+"""BSFIN: entropy patches over bytes, complex-valued interference attention (model.bsfin)."""

@@ -1,0 +1,1 @@
+"""Fractal Mamba: byte-level Mamba blocks beside seeded fractal modules (model.fractal_mamba)."""

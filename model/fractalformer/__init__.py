@@ -1,0 +1,1 @@
+"""FractalFormer: nested self-similar sub-models trained jointly (model.fractalformer)."""

@@ -1,0 +1,1 @@
+"""HIM: working memory, reasoning buffer, fast/slow FFN paths (model.him)."""

@@ -1,0 +1,445 @@
+"""The training loop: data -> DeepSpeed engine -> metrics, evaluation in bits per byte,
+checkpoints, and a clean stop on SIGINT / SIGTERM / SIGUSR1."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+
+from data_pipeline.loader import StreamingLoader
+from data_pipeline.shards import read_manifest
+from data_pipeline.tokenizer import ByteTokenizer
+from pretrain.core import checkpoint
+from pretrain.core.config import ConfigError, RunConfig, load_config, save_config
+from pretrain.core.evaluation import scores, validation_loader
+from pretrain.core.metrics import RunLogger
+from pretrain.core.qcontrol import QController
+from pretrain.core.steps import eval_losses, train_step
+from pretrain.core.throughput import matmul_probe_tflops, peak_memory_mb, retain_freed_host_memory
+
+EXIT_OK = 0
+EXIT_DIVERGED = 3   # train.max_skipped_steps updates in a row had non-finite gradients
+EXIT_STOPPED = 75   # stopped by a signal after writing a checkpoint: run the same command to resume
+# Fault injection for tests and drills: comma-separated steps whose loss is made NaN.
+NAN_AT_STEPS_ENV = "PRETRAIN_NAN_LOSS_AT_STEPS"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite updates; the message names the setting and what to try."""
+
+# megatron's RoPE caches its table with lru_cache; compiled, it is recomputed (cheap)
+warnings.filterwarnings("ignore", message=".*Dynamo detected a call to a `functools.lru_cache`-wrapped function.*")
+
+
+class StopSignal:
+    """Record SIGINT/SIGTERM/SIGUSR1; the loop checkpoints at the next step boundary.
+    A second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. a Ray Tune trial's thread: Ray owns signals and stops the trial itself
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, world_size: int) -> bool:
+        """Agreed across ranks: a signal delivered to one rank stops all of them together."""
+        flag = self.signum
+        if world_size > 1:
+            t = torch.tensor([flag], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag != 0
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+VOCAB_MULTIPLE = 128
+
+
+def dataset_tokenizer(cfg: RunConfig) -> dict:
+    """The dataset's tokenizer description, checked against data.tokenizer."""
+    info = read_manifest(cfg.data.path)["tokenizer"]
+    if cfg.data.tokenizer != "auto" and info["kind"] != cfg.data.tokenizer:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} but {cfg.data.path} was prepared with "
+                          f"the {info['kind']} tokenizer; prepare it with --tokenizer "
+                          f"{cfg.data.tokenizer} or set data.tokenizer=auto")
+    return info
+
+
+def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
+    """model.vocab_size 0 -> the tokenizer's, padded to a multiple of 128. The padding must not
+    depend on the layout: a TP=2 run has to be the same model as a TP=1 run."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset "
+                          f"tokenizer's vocabulary ({tokenizer_vocab}); use 0 to take it from the data")
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: RunConfig, layout) -> dict:
+    """Validation loss (nats/token) and bits per byte over the first train.eval_batches batches
+    of the validation split in stored order; data-parallel ranks take every dp-th batch, so the
+    result is the same for any world size."""
+    from megatron.core import parallel_state
+
+    loader = validation_loader(cfg)
+    totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
+    engine.eval()
+    for i, batch in zip(range(cfg.train.eval_batches), loader):
+        if i % layout.dp != layout.dp_rank:
+            continue
+        labels = batch["labels"]
+        nll = eval_losses(engine, batch, layout.device, pipelined=layout.pp > 1)
+        totals += torch.stack([nll.cpu(), torch.tensor(labels.numel()),
+                               loader.target_bytes(labels).sum()]).double()
+    engine.train()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    nll, tokens, nbytes = totals.tolist()
+    if tokens == 0:
+        raise ConfigError(f"validation split of {cfg.data.path} is shorter than one batch of "
+                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens")
+    return scores(nll, tokens, nbytes)
+
+
+def skipped_shards(data: StreamingLoader) -> int:
+    """Shards skipped as corrupt so far, over all data-parallel ranks and workers."""
+    from megatron.core import parallel_state
+
+    count = torch.tensor([data.skipped_shards], dtype=torch.int64)
+    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return int(count.item())
+
+
+def _dp_mean(t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(t, group=group)
+    return t / dist.get_world_size(group)
+
+
+class _Window:
+    """Loss and byte sums since the last log line, kept on device: no host sync per step.
+    Non-finite micro-batch losses (skipped updates) are left out of the average."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, finite, bytes
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, nbytes: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.stats += torch.stack([torch.where(finite, loss, 0).double(), finite.double(),
+                                   nbytes.to(self.device, non_blocking=True).double()])
+
+    def reduce(self) -> tuple[int, float | None, int, float]:
+        """(steps, mean loss or None if none was finite, bytes over all data-parallel ranks,
+        wall seconds); then reset."""
+        from megatron.core import parallel_state
+
+        stats = self.stats.clone()
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+        loss_sum, finite, nbytes = stats.tolist()
+        steps, wall = self.steps, time.perf_counter() - self.start
+        self.reset()
+        return steps, (loss_sum / finite if finite else None), int(nbytes), wall
+
+
+def _report_rank(layout, what: str) -> None:
+    """One line from every rank of a multi-process run, so each node's log shows its own ranks
+    got to the end (the run's log records come from rank 0 only)."""
+    if layout.world_size > 1:
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"rank {layout.rank}/{layout.world_size} on {node}: {what}", flush=True)
+
+
+def train(cfg: RunConfig, resume: str = "auto",
+          on_step: Callable[[int, float], None] | None = None,
+          on_eval: Callable[[int, dict, Path | None], None] | None = None) -> int:
+    """Train to ``train.steps``; returns an exit status (EXIT_*). ``on_step(step, seconds)`` is
+    called after every step with its wall time, evaluation and checkpointing included (bench
+    train times and profiles steps through it). ``on_eval(step, result, checkpoint)`` follows
+    every evaluation after step 0, with the checkpoint written at that step if any (`tune`
+    reports through it)."""
+    from model import get_family
+    from pretrain.core import parallel
+    from pretrain.core.engine import build_engine, reapply_optimizer_settings
+    from pretrain.core.model_dir import build_model
+
+    family = get_family(cfg.model.name)
+    tokenizer = dataset_tokenizer(cfg)
+    resolve_vocab(cfg, tokenizer["vocab_size"])
+    layout = parallel.setup(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    t, seq = cfg.train, cfg.model.seq_length
+
+    d = cfg.data
+    data = StreamingLoader(d.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
+                           world_size=layout.dp, num_workers=d.num_workers, seed=t.seed,
+                           shuffle_buffer=d.shuffle_buffer, on_error=d.on_error,
+                           mask_documents=d.mask_documents)
+    if layout.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg).to(layout.device)
+    if layout.device.type == "cpu":
+        retain_freed_host_memory()
+    if t.compile:
+        if layout.device.type == "cpu":
+            import torch._inductor.config as inductor_config
+            inductor_config.cpp_wrapper = True  # kernels launched from C++: less Python per step
+        model.compile()  # in place: parameter names, hence checkpoints, stay those of eager
+    controller = QController(cfg.optim.qcontrol, cfg.optim.beta1) if cfg.optim.qcontrol.enabled else None
+    engine = build_engine(cfg, model, layout,
+                          lr_scale=(lambda: controller.lr_scale) if controller is not None else None)
+
+    step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
+    source = checkpoint.resolve(resume, run_dir)
+    if source is not None:
+        client, extra = checkpoint.load(engine, source[0], source[1],
+                                        checkpoint.layout_of(cfg, layout.world_size))
+        step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
+                                         client["elapsed_s"])
+        skipped = client.get("nonfinite_skipped_steps", 0)
+        skipped_in_a_row = client.get("nonfinite_in_a_row", 0)
+        if client.get("tokenizer") != tokenizer.get("fingerprint"):
+            raise checkpoint.CheckpointError(
+                f"{source[0] / source[1]} was trained on tokenizer {client.get('tokenizer')!r}, but "
+                f"{d.path} holds {tokenizer.get('fingerprint')!r}: resume on the same dataset")
+        data.load_state_dict(extra["data"])
+        checkpoint.set_rng_state(extra["rng"])
+        if controller is not None and "qcontrol" in extra:
+            controller.load_state_dict(extra["qcontrol"])
+        reapply_optimizer_settings(cfg, engine, controller)
+
+    flops_per_token = family.training_flops_per_token(cfg.model)
+    peak_tflops = t.peak_tflops or matmul_probe_tflops(
+        layout.device, torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32)
+    logger = RunLogger(cfg, run_dir, layout.is_main, step)
+    if source is not None:
+        logger.print(f"resumed from {source[0] / source[1]} at step {step}")
+    n_params = family.parameter_count(cfg.model)
+    logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
+                 f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
+                 f"| {cfg.parallel.dtype} | run dir {run_dir}")
+    if family.supports.describes_itself:  # e.g. fractal Mamba's drawn architecture
+        logger.print(model.describe())
+    logger.print(f"MFU denominator: {peak_tflops:.3f} TFLOP/s per device "
+                 f"({'train.peak_tflops' if t.peak_tflops else 'matmul probe'}); "
+                 f"{flops_per_token / 1e6:.1f} MFLOP per training token")
+
+    def save(at_step: int) -> None:
+        client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed,
+                  # not "skipped_steps": DeepSpeed keeps a key of that name for itself
+                  "nonfinite_skipped_steps": skipped, "nonfinite_in_a_row": skipped_in_a_row,
+                  "tokenizer": tokenizer.get("fingerprint")}
+        extra = {"data": data.state_dict(), "rng": checkpoint.rng_state()}
+        if controller is not None:
+            extra["qcontrol"] = controller.state_dict()
+        path = checkpoint.save(engine, ckpt_dir, at_step, client, extra, cfg, t.keep_last)
+        logger.print(f"checkpoint: {path}")
+        return path
+
+    def run_eval(at_step: int) -> dict:
+        result = evaluate(engine, cfg, layout)
+        logger.log({"step": at_step, "split": "val", **result, "tokens": tokens, "bytes": nbytes})
+        logger.print(f"step {at_step}: val loss {result['loss']:.4f} | val bpb {result['bpb']:.4f}")
+        return result
+
+    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.dp * seq
+    nan_steps = {int(x) for x in os.environ.get(NAN_AT_STEPS_ENV, "").split(",") if x.strip()}
+    stop = StopSignal()
+    batches = iter(data)
+    last_saved = step
+    window = _Window(layout.device)
+
+    def log_window() -> None:
+        """One metrics record for the steps since the last one (one host sync per log line)."""
+        nonlocal nbytes
+        steps, loss_avg, window_bytes, wall = window.reduce()
+        nbytes += window_bytes
+        tps = steps * tokens_per_step / wall
+        tflops = tps * flops_per_token / layout.world_size / 1e12  # per device
+        record = {"step": step, "loss": loss_avg, "lr": engine.get_lr()[0], "tokens": tokens,
+                  "bytes": nbytes, "tokens_per_s": tps, "elapsed_s": elapsed,
+                  "tflops_per_device": tflops, "mfu": tflops / peak_tflops,
+                  "peak_mem_mb": peak_memory_mb(layout.device), "skipped_steps": skipped}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if d.on_error == "skip":
+            record["data_skipped_shards"] = skipped_shards(data)
+        if family.supports.training_metrics:  # e.g. FractalFormer's per-level losses
+            record.update(model.log_metrics())
+        logger.log(record)
+        logger.advance(steps, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
+                               "tok/s": f"{tps:,.0f}", "mfu": f"{record['mfu']:.0%}"})
+
+    try:
+        if step >= t.steps:
+            logger.print(f"run already complete at step {step} (train.steps={t.steps})")
+            return EXIT_OK
+        if step == 0:
+            run_eval(0)
+        while step < t.steps:
+            t0 = time.perf_counter()
+            with record_function("phase/data"):
+                micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            losses = train_step(engine, micro_batches, layout.device, pipelined=layout.pp > 1,
+                                poison=step + 1 in nan_steps)
+            with record_function("phase/logging"):
+                for loss, batch in zip(losses, micro_batches):
+                    window.add(loss, data.target_bytes(batch["labels"]).sum())
+            if not engine.was_step_applied():  # non-finite gradients: DeepSpeed skipped the update
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+                if skipped_in_a_row > t.max_skipped_steps:
+                    raise TrainingDiverged(
+                        f"{skipped_in_a_row} updates in a row had non-finite gradients (limit "
+                        f"train.max_skipped_steps={t.max_skipped_steps}) at step {step + 1}; the last "
+                        f"checkpoint is {checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None}. "
+                        "Lower optim.lr, raise optim.warmup_steps, or check the data")
+            else:
+                skipped_in_a_row = 0
+            step += 1
+            tokens += tokens_per_step
+            elapsed += time.perf_counter() - t0
+            window.steps += 1
+            if controller is not None:
+                decision = controller.observe(losses.mean(), engine.get_global_grad_norm(), _dp_mean)
+                if decision is not None:
+                    controller.apply(engine.lr_scheduler)
+                    logger.log({"step": step, "split": "qcontrol", **decision})
+
+            if step % t.log_every == 0 or step == t.steps:
+                with record_function("phase/logging"):
+                    log_window()
+            evaluated, saved = None, None
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                with record_function("phase/evaluation"):
+                    evaluated = run_eval(step)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+                with record_function("phase/checkpoint"):
+                    saved = save(step)
+                last_saved = step
+            if on_eval is not None and evaluated is not None:
+                on_eval(step, evaluated, saved)
+            if on_step is not None:
+                on_step(step, time.perf_counter() - t0)
+            if stop.requested(layout.world_size):
+                steps, _, window_bytes, _ = window.reduce()  # count unlogged steps before saving
+                nbytes += window_bytes
+                logger.advance(steps)
+                if step != last_saved:
+                    save(step)
+                logger.print(f"stopped by signal {stop.signum} at step {step}; run the same "
+                             f"command again to resume")
+                _report_rank(layout, f"stopped at step {step}")
+                return EXIT_STOPPED
+        result = run_eval(step)
+        final = save(step) if step != last_saved else ckpt_dir / checkpoint.latest_tag(ckpt_dir)
+        if on_eval is not None:
+            on_eval(step, result, final)
+        logger.print(f"done: {step} steps, {tokens:,} tokens, final val bpb {result['bpb']:.4f}, "
+                     f"run dir {run_dir}")
+        _report_rank(layout, f"finished at step {step}")
+        return EXIT_OK
+    finally:
+        stop.restore()
+        logger.close()
+        parallel.teardown()
+
+
+TRAIN_EPILOG = """\
+examples:
+  python -m pretrain train --config configs/mistral_tiny.yaml
+  python -m pretrain train --config configs/mistral_tiny.yaml --set train.steps=50 --set optim.lr=1e-3
+  python -m pretrain train --config configs/mistral_7b.yaml --dry-run --world-size 64
+  torchrun --nproc_per_node 2 -m pretrain train --config configs/mistral_tiny.yaml
+
+config keys (sections model, data, parallel, optim, train, log) are listed in configs/*.yaml,
+pretrain/core/config.py and model/config.py (a family's own section: model/<family>/config.py);
+an unknown key or bad value is an error naming it.
+
+exit status: 0 done; 2 configuration/data/checkpoint error; 3 diverged (more than
+train.max_skipped_steps updates in a row skipped for non-finite gradients); 75 stopped by
+SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (run the same command again to resume).
+"""
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a model (DeepSpeed engine over megatron-core)",
+        description="Train a model from a YAML config. Writes <train.run_dir>/config.yaml, "
+                    "metrics.jsonl, checkpoints/ (DeepSpeed layout + 'latest') and wandb/ "
+                    "(offline unless WANDB_MODE says otherwise).",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=100 (repeatable; values "
+                        "are parsed as YAML)")
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto (default): continue from <run_dir>/checkpoints/latest if present; "
+                        "never: start from step 0; PATH: a checkpoints dir or one step_* dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, print parameter count and per-rank memory "
+                        "estimate for the layout, allocate nothing, exit")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: total ranks to size for (default: tp x pp, or $WORLD_SIZE)")
+    return p
+
+
+def dry_run(cfg: RunConfig, world_size: int | None) -> int:
+    """`train --dry-run`: validate the layout, print the parameter count and per-rank memory."""
+    import os
+
+    from model import get_family
+    from pretrain.core.parallel import validate_layout
+    from pretrain.core.sizing import estimate, format_estimate
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.parallel.tp * cfg.parallel.pp
+    validate_layout(cfg, world)
+    if cfg.model.vocab_size == 0:
+        manifest = Path(cfg.data.path) / "manifest.json"
+        vocab = (read_manifest(cfg.data.path)["tokenizer"]["vocab_size"] if manifest.is_file()
+                 else ByteTokenizer().vocab_size)
+        resolve_vocab(cfg, vocab)
+    family = get_family(cfg.model.name)
+    print(format_estimate(cfg.model.name, estimate(cfg, world, family.parameter_count(cfg.model))))
+    return 0
+
+
+def main(args) -> int:
+    if args.world_size is not None and not args.dry_run:
+        args.parser.error("--world-size is only meaningful with --dry-run")
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(cfg, args.world_size)
+    return train(cfg, resume=args.resume)

@@ -1,0 +1,1 @@
+"""Tools that use a trained model: export, generate, compress, inspect-attention."""
