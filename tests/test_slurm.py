@@ -45,7 +45,7 @@ def cluster():
         assert started.returncode == 0, started.stdout + started.stderr
     yield
     if not was_up:
-        subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=120)
+        subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=200)  # waits for the daemons
 
 
 def job_info(job_id: str) -> dict[str, str]:
