@@ -77,12 +77,19 @@ class ModelConfig:
             return sections[key]
         raise AttributeError(f"model config has no field or family section {key!r}")
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        sections = self.__dict__.get("sections")
+        if sections is not None and key in sections:   # cfg.model.fim = ... replaces the section
+            sections[key] = value
+        else:
+            object.__setattr__(self, key, value)
+
     def to_dict(self) -> dict:
         import dataclasses
 
-        tree = {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self)
-                if f.name != "sections"}
-        return {**tree, **{k: dataclasses.asdict(v) for k, v in self.sections.items()}}
+        tree = dataclasses.asdict(self)
+        sections = tree.pop("sections")
+        return {**tree, **sections}
 
     def validate(self) -> None:
         """The shared fields, then each family section's own fields; the rules that tie the

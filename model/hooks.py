@@ -1,6 +1,6 @@
 """The optional methods a model may have, one Protocol each. A family declares the ones its model
 implements in its registry entry (``Supports``); callers read the declaration, and
-tests/test_model.py checks every family's model against its declaration."""
+tests/test_registry.py checks every family's model against its declaration."""
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

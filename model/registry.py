@@ -113,7 +113,8 @@ register(ModelFamily(
 register(ModelFamily(
     "fractal_mamba", "model.fractal_mamba.model",
     "fractal Mamba (byte-level; seeded fractal modules + Mamba blocks)", "fractal_mamba",
-    FractalMambaConfig, Supports(incremental_decoding=True, describes_itself=True)))
+    # sliding_window: accepted and unused (a recurrence has no attention window), as before
+    FractalMambaConfig, Supports(sliding_window=True, incremental_decoding=True, describes_itself=True)))
 register(ModelFamily(
     "fractalformer", "model.fractalformer.model",
     "FractalFormer (nested self-similar sub-models, trained jointly)", "fractalformer",

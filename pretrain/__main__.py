@@ -1,6 +1,6 @@
 """`python -m pretrain <verb>`: the stack's command line, a table of verbs. Each verb's module owns
 its parser (``add_parser(subparsers)``) and runs it (``main(args) -> exit status``); only the
-chosen verb's module is imported, so `--help` and every verb start without loading the others."""
+chosen verb's module is imported to build its parser, so `--help` loads none of them."""
 from __future__ import annotations
 
 import argparse

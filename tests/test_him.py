@@ -185,7 +185,7 @@ def test_him_trains_with_lion_resumes_exactly_and_compresses_to_an_int8_generato
 
 @pytest.mark.parametrize("cognitive", [True, False], ids=["cognitive", "ablation"])
 def test_incremental_decoding_equals_the_full_forward(cognitive):
-    """KV caches plus chunk states (model/him_decode.py): token-by-token logits equal the full
+    """KV caches plus chunk states (model/him/decode.py): token-by-token logits equal the full
     forward's at every position, across chunk boundaries, memory writes and buffer refinements."""
     from model.him.model import HimLM
 

@@ -4,7 +4,7 @@
 bytes -> entropy patches (data_pipeline/patching.py) -> local encoder (byte + hashed n-gram
 embeddings, transformer restricted to each patch, pooled per patch by a learned query) ->
 real-to-complex projection, complex positional encoding, complex layer norm -> interference
-layers over patches (model/complex_layers.py) -> complex-to-real projection (the patch memory)
+layers over patches (model/bsfin/complex_layers.py) -> complex-to-real projection (the patch memory)
 -> local decoder (causal transformer over bytes, cross-attending to the patch memory) -> logits.
 
 Causality, end to end. A patch's boundaries are decided from the bytes before each boundary

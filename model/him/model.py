@@ -252,7 +252,7 @@ class HimLM(nn.Module):
 
     def step(self, token: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Next-token logits ``[b, V]`` after ``token [b]``, with KV caches and chunk states:
-        O(context) per token instead of re-running the window (model/him_decode.py)."""
+        O(context) per token instead of re-running the window (model/him/decode.py)."""
         from model.him.decode import step
         return step(self, token, state)
 

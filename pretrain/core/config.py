@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class QControlConfig:
-    """Q-learning control of LR and momentum (pretrain/qcontrol.py): every ``every`` steps the
+    """Q-learning control of LR and momentum (pretrain/core/qcontrol.py): every ``every`` steps the
     controller reads the loss trend, the gradient-norm variation and its current LR/momentum,
     takes an action that scales them within the bounds, and learns from the reward (loss
     improvement minus ``stability_weight`` x gradient-norm variation)."""
