@@ -20,7 +20,8 @@ from model import get_family
 from model.config import ConfigError, ModelConfig, ParallelConfig, require_positive, section_types
 
 __all__ = ["ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-           "QControlConfig", "RunConfig", "TrainConfig", "load_config", "parse_override", "save_config"]
+           "QControlConfig", "RunConfig", "TrainConfig", "build_typed", "load_config", "parse_override",
+           "save_config"]
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list")
         (item,) = typing.get_args(annotation)
-        return [_build(item, v, f"{key}[{i}]") if dataclasses.is_dataclass(item)
+        return [build_typed(item, v, f"{key}[{i}]") if dataclasses.is_dataclass(item)
                 else _coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
@@ -222,7 +223,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {annotation!r}")
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def build_typed(cls: type, values: dict, prefix: str) -> Any:
+    """A config dataclass from a YAML mapping: unknown keys and ill-typed values are errors naming
+    the dotted key (``prefix``); nested dataclasses are built the same way (tune specs use it too)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -243,13 +246,13 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, key)
+            kwargs[name] = build_typed(hint, value or {}, key)
         else:
             kwargs[name] = _coerce(value, hint, key)
     built = cls(**kwargs)
     for name, section in sections.items():
         if name in values:
-            built.sections[name] = _build(section, values[name] or {}, f"{prefix}.{name}")
+            built.sections[name] = build_typed(section, values[name] or {}, f"{prefix}.{name}")
     return built
 
 
@@ -292,7 +295,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     tree = apply_overrides(tree, overrides or [])
-    return _build(RunConfig, tree, "").validate()
+    return build_typed(RunConfig, tree, "").validate()
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from pretrain.core.config import ConfigError, _build, load_config, save_config
+from pretrain.core.config import ConfigError, build_typed, load_config, save_config
 
 EXPERIMENT = "experiment"
 SETTINGS = ("block_size", "branching", "top_k", "branches")   # per-layer FIM settings the layout search picks
@@ -122,7 +122,7 @@ def load_spec(path: str | Path) -> TuneSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tune config not found: {path}")
-    return _build(TuneSpec, yaml.safe_load(path.read_text()) or {}, "").validate()
+    return build_typed(TuneSpec, yaml.safe_load(path.read_text()) or {}, "").validate()
 
 
 def trial_config(spec: TuneSpec, params: dict, run_dir: str, cpus: float | None = None):
