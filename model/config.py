@@ -7,6 +7,7 @@ line naming the dotted key and what is allowed.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -85,8 +86,6 @@ class ModelConfig:
             object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict:
-        import dataclasses
-
         tree = dataclasses.asdict(self)
         sections = tree.pop("sections")
         return {**tree, **sections}

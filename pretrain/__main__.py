@@ -38,8 +38,9 @@ def _add_verbs(sub, table: dict, chosen: str | None) -> None:
         if verb != chosen or module is None:
             sub.add_parser(verb, help=help_line, add_help=False)
             continue
-        parser = importlib.import_module(module).add_parser(sub)
-        parser.set_defaults(run=importlib.import_module(module).main, parser=parser)
+        verb_module = importlib.import_module(module)
+        parser = verb_module.add_parser(sub)
+        parser.set_defaults(run=verb_module.main, parser=parser)
 
 
 def _first_word(argv: list[str]) -> str | None:

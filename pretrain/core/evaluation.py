@@ -18,8 +18,13 @@ def validation_loader(cfg: RunConfig) -> StreamingLoader:
                            seed=cfg.train.seed, epochs=1, mask_documents=cfg.data.mask_documents)
 
 
-def scores(nll: float, tokens: float, nbytes: float) -> dict:
-    """Summed loss (nats), tokens and target bytes -> loss per token and bits per byte."""
+def scores(cfg: RunConfig, nll: float, tokens: float, nbytes: float, skip: int = 0) -> dict:
+    """Summed loss (nats), tokens and target bytes -> loss per token and bits per byte; no tokens
+    (a split shorter than the batches asked for) is an error naming the split."""
+    if tokens == 0:
+        past = f" past the first {skip} batches" if skip else ""
+        raise ConfigError(f"validation split of {cfg.data.path} is shorter than one batch of "
+                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens{past}")
     return {"loss": nll / tokens, "bpb": nll / math.log(2) / max(nbytes, 1), "eval_tokens": int(tokens)}
 
 
@@ -36,7 +41,4 @@ def val_bpb(model: nn.Module, cfg: RunConfig, batches: int, skip: int = 0) -> di
             tokens += batch["labels"].numel()
             nbytes += float(loader.target_bytes(batch["labels"]).sum())
     model.train(was_training)
-    if tokens == 0:
-        raise ConfigError(f"validation split of {cfg.data.path} has no batches of "
-                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens past the first {skip}")
-    return scores(nll, tokens, nbytes)
+    return scores(cfg, nll, tokens, nbytes, skip)

@@ -114,11 +114,7 @@ def evaluate(engine, cfg: RunConfig, layout) -> dict:
                                loader.target_bytes(labels).sum()]).double()
     engine.train()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    nll, tokens, nbytes = totals.tolist()
-    if tokens == 0:
-        raise ConfigError(f"validation split of {cfg.data.path} is shorter than one batch of "
-                          f"{cfg.train.micro_batch_size} x {cfg.model.seq_length} tokens")
-    return scores(nll, tokens, nbytes)
+    return scores(cfg, *totals.tolist())
 
 
 def skipped_shards(data: StreamingLoader) -> int:
