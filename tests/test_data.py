@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from data_pipeline.loader import SlotStream, StreamingLoader
-from data_pipeline.prepare import prepare, split_by_group
-from data_pipeline.shards import ShardError, iter_shard_documents, read_manifest
-from data_pipeline.sources import Document, load_shakespeare
+from data_pipeline.prepare import prepare, val_groups
+from data_pipeline.shards import ShardError, iter_documents, iter_shard_documents, read_manifest
+from data_pipeline.sources import load_shakespeare
 from data_pipeline.tokenizer import ByteTokenizer, tokenizer_from_manifest
 from data_pipeline.verify import verify
 
@@ -19,12 +19,10 @@ def read_ids(data_dir) -> dict[str, np.ndarray]:
     """Every document's token ids as stored in the shards, keyed by source name."""
     manifest = read_manifest(data_dir)
     out = {}
-    for split in manifest["splits"].values():
-        docs = [tokens for shard in split["shards"]
-                for _, tokens in iter_shard_documents(data_dir / shard["name"],
-                                                      manifest["tokenizer"]["dtype"])]
-        assert len(docs) == len(split["names"]) == split["documents"]
-        out.update(zip(split["names"], docs))
+    for name, split in manifest["splits"].items():
+        docs = dict(iter_documents(data_dir, name))
+        assert len(docs) == split["documents"]
+        out.update(docs)
     return out
 
 
@@ -54,20 +52,19 @@ def test_shakespeare_round_trip_and_split_keeps_editions_together(tmp_path):
     assert {d.name: d.data for d in docs} == back
     manifest = read_manifest(tmp_path / "s")
     groups = {d.name: d.group for d in docs}
-    val_groups = {groups[n] for n in manifest["splits"]["val"]["names"]}
-    train_groups = {groups[n] for n in manifest["splits"]["train"]["names"]}
-    assert val_groups and not val_groups & train_groups
+    val = {groups[n] for n, _ in iter_documents(tmp_path / "s", "val")}
+    train = {groups[n] for n, _ in iter_documents(tmp_path / "s", "train")}
+    assert val and not val & train
     assert groups["hamlet_gut.txt"] == groups["hamlet_gut_f.txt"]
     assert groups["twelfe-night_gut_f.txt"] == groups["twelfth_night_gut.txt"]
 
 
 def test_split_is_deterministic_and_by_group():
-    docs = [Document(f"d{i}", f"g{i // 2}", b"x") for i in range(40)]
-    a, b = split_by_group(docs, 0.2, seed=3), split_by_group(docs, 0.2, seed=3)
-    assert [d.name for d in a["val"]] == [d.name for d in b["val"]]
-    assert len({d.group for d in a["val"]}) == 4  # ceil(0.2 * 20 groups)
-    assert not {d.group for d in a["val"]} & {d.group for d in a["train"]}
-    assert split_by_group(docs, 0.2, seed=4)["val"] != a["val"]
+    groups = [f"g{i // 2}" for i in range(40)]
+    a, b = val_groups(groups, 0.2, seed=3), val_groups(list(reversed(groups)), 0.2, seed=3)
+    assert a == b and len(a) == 4  # ceil(0.2 * 20 groups), whatever the input order
+    assert val_groups(groups, 0.2, seed=4) != a
+    assert len(val_groups(["only"], 0.2, seed=0)) == 1 and len(val_groups(["x", "y"], 0.9, seed=0)) == 1
 
 
 def test_prepare_is_byte_reproducible(tmp_path, text_corpus):
@@ -253,9 +250,9 @@ def test_sentencepiece_round_trips_the_whole_corpus(tmp_path):
 
 
 def test_stdlib_source_groups_by_top_level_module():
-    from data_pipeline.sources import load_stdlib
+    from data_pipeline.sources import list_stdlib
 
-    docs = load_stdlib()
+    docs = list_stdlib()
     assert len(docs) > 500
     groups = {d.name: d.group for d in docs}
     assert groups["stdlib/json/decoder.py"] == groups["stdlib/json/encoder.py"] == "stdlib/json"
@@ -269,7 +266,7 @@ def test_weighted_mixing_repeats_and_subsamples(tmp_path):
             (tmp_path / source / f"{source}{i}.txt").write_text(f"{source} document {i}\n" * 5)
     manifest = prepare([f"{tmp_path / 'a'}:2", f"{tmp_path / 'b'}:0.5"], tmp_path / "out",
                        val_fraction=0.0, log=lambda *_: None)
-    names = manifest["splits"]["train"]["names"]
+    names = [n for n, _ in iter_documents(tmp_path / "out", "train")]
     counts = {n: names.count(n) for n in set(names)}
     assert all(counts[f"a{i}.txt"] == 2 for i in range(20))
     b_kept = [n for n in counts if n.startswith("b")]
