@@ -34,7 +34,7 @@ def seeded_fraction(seed: int, text: str) -> float:
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
 
 

@@ -241,16 +241,26 @@ def _finalize(ctx: Context, log) -> dict:
                 "seed": opts["seed"], "val_fraction": opts["val_fraction"], "tokenizer": tok.describe(),
                 "options": {k: v for k, v in opts.items() if k not in ("sources", "tokenizer")},
                 "splits": splits, **stats, "bad_input": bad, "input_errors": input_errors}
+    manifest["plan_digest"] = plan["digest"]  # lets a re-run of a finished prepare say so
     manifest["digest"] = _digest(manifest)
     for name, split in splits.items():
         log(f"{name}: {split['documents']:,} documents, {split['bytes']:,} bytes, {split['tokens']:,} tokens, "
             f"{len(split['shards'])} shards")
     if any(stats.values()) or bad:
-        log("dropped: " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in {**stats, **bad}.items() if v))
+        shown = {"duplicates_removed": stats["duplicates_removed"], "dropped_not_lossless": stats["dropped_not_lossless"],
+                 **{f"bad input: {k}": v for k, v in bad.items()}}
+        log("dropped: " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in shown.items() if v))
         for path, kinds in list(input_errors.items())[:10]:
             log(f"  {path}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items()))
         if len(input_errors) > 10:
             log(f"  ... and {len(input_errors) - 10} more files (manifest.json: input_errors)")
+    kept = splits["train"]["documents"] + splits["val"]["documents"]
+    if stats["dropped_not_lossless"] > 0.01 * (kept + stats["dropped_not_lossless"]):
+        log(f"warning: {stats['dropped_not_lossless']:,} documents dropped because the tokenizer does not "
+            "reproduce them exactly (normalization, collapsed whitespace, special-token text)")
+    if not splits["train"]["documents"]:
+        raise RuntimeError(f"no train document is left ({kept} kept in val; bad input, duplicates and lossy "
+                           f"tokenization: {json.dumps({**stats, **bad})}); nothing was written to the output")
     write_manifest(ctx.root, manifest)
     return manifest
 
@@ -276,15 +286,19 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
                    text_field=text_field, group_field=group_field, unit_mb=unit_mb,
                    dedup_partitions=dedup_partitions, on_error=on_error, eos_token=eos_token)
     phases = PHASES if phase == "all" else (phase,)
+    finished = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() and not overwrite else None
     if "plan" in phases:
+        plan = make_plan(opts, storage_options)
+        plan["digest"] = _digest(plan)
+        if finished is not None and finished.get("plan_digest") == plan["digest"]:
+            log(f"{out} is already prepared from these inputs and options (digest {finished['digest']})")
+            return finished
         if out.exists() and any(out.iterdir()):
             if not overwrite:
                 raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
             shutil.rmtree(out)
         if overwrite and partial.exists():
             shutil.rmtree(partial)
-        plan = make_plan(opts, storage_options)
-        plan["digest"] = _digest(plan)
         if (partial / PLAN_FILE).is_file():
             old = json.loads((partial / PLAN_FILE).read_text())
             if old.get("digest") != plan["digest"]:
@@ -299,6 +313,9 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
         log(f"plan: {sum(s['files'] for s in plan['sources']):,} files, "
             f"{sum(s['bytes'] for s in plan['sources']) / 1e6:,.1f} MB in {len(plan['units'])} units")
     else:
+        if finished is not None and not partial.exists():
+            log(f"{out} is already prepared (digest {finished['digest']}); phase {phase} has nothing to do")
+            return finished if task_index == 0 else None
         if not (partial / PLAN_FILE).is_file():
             raise FileNotFoundError(f"{partial / PLAN_FILE} not found: run the plan phase first")
         plan = json.loads((partial / PLAN_FILE).read_text())

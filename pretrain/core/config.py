@@ -27,7 +27,7 @@ __all__ = ["ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig
 @dataclass
 class DataConfig:
     path: str = "data/shakespeare"     # a directory written by `python -m data_pipeline prepare`
-    tokenizer: Literal["auto", "bytes", "sentencepiece"] = "auto"  # expected; auto = the dataset's
+    tokenizer: Literal["auto", "bytes", "sentencepiece", "hf"] = "auto"  # expected; auto = the dataset's
     num_workers: int = 0               # DataLoader worker processes per rank (0: in-process)
     shuffle_buffer: int = 0            # documents in the seeded shuffle buffer (0: shard order only)
     mask_documents: bool = False       # mask attention across document boundaries in packed rows
