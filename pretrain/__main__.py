@@ -28,6 +28,7 @@ BENCHMARKS = {   # `bench <what>`
     "train": ("pretrain.bench.train", "training tokens/s of our trainer vs transformers' Mistral"),
     "control": ("pretrain.research.control", "LR control: schedule vs Q-learning controller vs PBT"),
     "generate": ("pretrain.bench.generate", "CPU generation tokens/s and peak RSS, float vs int8"),
+    "prepare": ("pretrain.bench.prepare", "data_pipeline prepare vs datatrove: MB/s at 1 and 2 workers, peak RSS"),
     "compare": ("pretrain.research.compare", "baseline vs variants at equal data and budget -> report.md"),
 }
 
