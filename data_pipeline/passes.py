@@ -45,7 +45,8 @@ class Context:
         self.root, self.plan, self.opts = root, plan, plan["options"]
         self.work = root / "_work"
         self.storage_options = storage_options or {}
-        self.progress = lambda n: None
+        self.progress = lambda n: None        # input bytes read
+        self.count_documents = lambda n: None  # documents read
         self._tokenizer = None
 
     def files(self, unit: dict) -> list[tuple[InputFile, bool | None]]:
@@ -79,6 +80,9 @@ class Context:
                     is_val = file_val
                 yield ordinal, name, is_val, data
                 ordinal += 1
+                if not ordinal % 64:
+                    self.count_documents(64)
+        self.count_documents(ordinal % 64)
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -105,21 +105,20 @@ def _digest(obj) -> str:
 
 # -- running items in worker processes ----------------------------------------------------------
 _CTX: Context | None = None
-_COUNTER = None
 
 
-def _init_worker(counter) -> None:
-    global _COUNTER
-    _COUNTER = counter
-    pending = [0]
+def _init_worker(counters) -> None:
+    """Each worker adds to the shared byte and document counters about once per MiB."""
+    pending = [0, 0]
 
-    def progress(n: int) -> None:
-        pending[0] += n
-        if pending[0] >= 1 << 20:
-            with counter.get_lock():
-                counter.value += pending[0]
-            pending[0] = 0
-    _CTX.progress = progress
+    def add(i: int, n: int, every: int) -> None:
+        pending[i] += n
+        if pending[i] >= every:
+            with counters[i].get_lock():
+                counters[i].value += pending[i]
+            pending[i] = 0
+    _CTX.progress = lambda n: add(0, n, 1 << 20)
+    _CTX.count_documents = lambda n: add(1, n, 256)
 
 
 def _run_item(job):
@@ -129,7 +128,7 @@ def _run_item(job):
 
 
 def _run_phase(ctx: Context, kind: str, items: list, workers: int, total_bytes: int, show: bool, log) -> None:
-    """Run items (skipping done ones) with a progress bar of input bytes, MB/s and ETA."""
+    """Run items (skipping done ones) with a progress bar: input MB/s, documents and ETA."""
     global _CTX
     from tqdm import tqdm
 
@@ -139,21 +138,28 @@ def _run_phase(ctx: Context, kind: str, items: list, workers: int, total_bytes: 
     tty = sys.stderr.isatty()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{kind} ({len(items)} items)",
                disable=not show, mininterval=0.5 if tty else 30, file=sys.stderr)
+    docs = [0]
+
+    def count(n: int) -> None:
+        docs[0] += n
+        bar.set_postfix(documents=f"{docs[0]:,}", refresh=False)
     _CTX = ctx
     jobs = [(kind, item) for item in items]
     if workers <= 1:
-        ctx.progress = bar.update
+        ctx.progress, ctx.count_documents = bar.update, count
         for job in jobs:
             _run_item(job)
     else:
         context = mp.get_context("fork")
-        counter = context.Value("q", 0)
-        with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
+        counters = (context.Value("q", 0), context.Value("q", 0))
+        with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(counters,)) as pool:
             result = pool.map_async(_run_item, jobs, chunksize=1)
             while not result.ready():
                 result.wait(0.25)
-                bar.update(max(counter.value - bar.n, 0))
+                count(counters[1].value - docs[0])
+                bar.update(max(counters[0].value - bar.n, 0))
             result.get()  # re-raises a worker's error
+    bar.update(max(total_bytes - bar.n, 0))  # workers' last partial counts
     bar.close()
     wall = time.perf_counter() - start
     if total_bytes:

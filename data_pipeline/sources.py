@@ -107,8 +107,10 @@ def list_stdlib() -> list[InputFile]:
         rel = path.relative_to(root)
         if rel.parts[0] in ("site-packages", "dist-packages") or "__pycache__" in rel.parts:
             continue
-        files.append(InputFile(str(path), f"stdlib/{rel}", f"stdlib/{rel.parts[0].removesuffix('.py')}",
-                               path.stat().st_size, "text"))
+        size = path.stat().st_size
+        if size:  # empty __init__.py files are not documents (nor bad input)
+            files.append(InputFile(str(path), f"stdlib/{rel}", f"stdlib/{rel.parts[0].removesuffix('.py')}",
+                                   size, "text"))
     if not files:
         raise SourceError(f"no Python sources found under {root}")
     return files
