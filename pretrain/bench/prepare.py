@@ -43,7 +43,7 @@ from pretrain.bench import provenance
 
 TOKENIZERS = ("bytes", "sentencepiece", "hf")
 EOS = "<|endoftext|>"
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 THREAD_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 QUICK = {"corpus_mb": 2.0, "file_mb": 0.25, "sample_mb": 0.5, "vocab_size": 512, "unit_mb": 0.5}
@@ -70,6 +70,8 @@ def text_pool() -> tuple[bytes, int]:
     parts = []
     for f in list_shakespeare() + list_stdlib():
         data = Path(f.path).read_bytes()
+        if not data:
+            continue
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
@@ -106,9 +108,11 @@ def _write_file(path: Path, pool: bytes, boundaries: np.ndarray, rng, target: in
 
 
 def make_corpus(work: Path, corpus_mb: float, file_mb: float, seed: int, doc_kib=(1, 20), log=print) -> dict:
-    """The JSONL corpus under ``work`` (made once: reused while its corpus.json matches)."""
+    """The JSONL corpus under ``work`` (made once: reused while its corpus.json matches, the pool of
+    shipped texts included)."""
+    pool, n_texts = text_pool()
     params = {"version": CORPUS_VERSION, "corpus_mb": corpus_mb, "file_mb": file_mb, "seed": seed,
-              "doc_kib": list(doc_kib)}
+              "doc_kib": list(doc_kib), "pool_sha256": hashlib.sha256(pool).hexdigest()}
     root = Path(work) / f"corpus-{corpus_mb:g}mib-f{file_mb:g}-s{seed}"
     marker = root / "corpus.json"
     if marker.is_file():
@@ -122,7 +126,6 @@ def make_corpus(work: Path, corpus_mb: float, file_mb: float, seed: int, doc_kib
         shutil.rmtree(root)
     (root / "data").mkdir(parents=True)
     start = time.perf_counter()
-    pool, n_texts = text_pool()
     arr = np.frombuffer(pool, np.uint8)
     boundaries = np.append(np.flatnonzero((arr & 0xC0) != 0x80), len(pool))
     rng = np.random.default_rng(seed)
@@ -370,6 +373,14 @@ def _git_dirty() -> list[str]:
     return [line[3:] for line in out.splitlines()]
 
 
+def code_digest() -> str:
+    """sha256 of data_pipeline/*.py as they are on disk now (the code the runs execute)."""
+    h = hashlib.sha256()
+    for path in sorted((provenance.ROOT / "data_pipeline").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def derive(runs: list[dict], workers: list[int]) -> dict:
     full = [r for r in runs if r["corpus"] == "full"]
 
@@ -450,7 +461,7 @@ def run(out: str, work: str | None = None, corpus_mb: float = 1024.0, file_mb: f
     work_dir = Path(work) if work else out / "cache"
     work_dir.mkdir(parents=True, exist_ok=True)
     workers = sorted(set(workers))
-    started = time.perf_counter()
+    started, code_before = time.perf_counter(), code_digest()
     corpus = make_corpus(work_dir, corpus_mb, file_mb, seed, log=log)
     need = list(tokenizers) + (["hf"] if datatrove and "hf" not in tokenizers else [])
     tok_paths = make_tokenizers(work_dir, corpus, sample_mb, vocab_size, seed, need, log=log)
@@ -484,6 +495,7 @@ def run(out: str, work: str | None = None, corpus_mb: float = 1024.0, file_mb: f
     results = {
         "benchmark": "prepare", "command": command, "commit": provenance.commit(), "modified_files": _git_dirty(),
         "date": provenance.utc_now(), "hardware": provenance.hardware(),
+        "data_pipeline_sha256": {"start": code_before, "end": code_digest()},
         "corpus": {k: v for k, v in corpus.items() if k != "files"} | {"files": n_files},
         "tokenizers": {k: {"path": v, "sha256": hashlib.sha256(Path(v).read_bytes()).hexdigest() if v != "bytes" else None}
                        for k, v in tok_paths.items()},
@@ -498,6 +510,8 @@ def run(out: str, work: str | None = None, corpus_mb: float = 1024.0, file_mb: f
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = table(results)
+    if code_before != results["data_pipeline_sha256"]["end"]:
+        text += "\nwarning: data_pipeline/*.py changed on disk while the benchmark ran: runs may mix code versions"
     (out / "table.txt").write_text(text + "\n")
     log(text)
     log(f"results in {out}/results.json ({results['total_s']:.0f} s)")
