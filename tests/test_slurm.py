@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -244,6 +246,147 @@ def test_ray_cluster_job_refuses_an_unknown_auth_mode(cluster, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), info
     assert "RAY_AUTH_MODE=tokn: expected token (the default) or disabled" in batch
     assert "Ray head" not in batch  # refused before starting anything
+
+
+# -- slurm/prepare.sbatch: one dataset prepared by every node of a job ---------------------------
+PREPARE_SBATCH = ROOT / "slurm" / "prepare.sbatch"
+# Small units and shards so that each node gets several items; sentencepiece so that the
+# tokenizer phase trains on a sample drawn by both nodes' scans.
+PREPARE_OPTIONS = {"tokenizer": "sentencepiece", "vocab_size": 400, "unit_mb": 0.05, "val_fraction": 0.2,
+                   "shard_mb": 0.02, "dedup_partitions": 8}
+PREPARE_ARGS = [a for k, v in PREPARE_OPTIONS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+DUPLICATES = 4  # documents in the corpus below that repeat an earlier one exactly
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def make_corpus(root: Path) -> Path:
+    """~420 KB: 6 JSONL files (41 documents each) and 11 text files; three documents appear in two
+    JSONL files each and one of them again as a text file."""
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog naïve café ünïcödé 日本語 to be or not that is".split()
+
+    def doc(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+    repeated = [doc(200) for _ in range(3)]
+    root.mkdir()
+    for i in range(6):
+        docs = [doc(rng.randint(50, 300)) for _ in range(40)] + [repeated[i % 3]]
+        (root / f"part_{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    (root / "txt").mkdir()
+    for i in range(10):
+        (root / "txt" / f"t{i}.txt").write_text(doc(2000) + "\n", encoding="utf-8")
+    (root / "txt" / "again.txt").write_text(repeated[0], encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepare_corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("prepare") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def local_manifest(prepare_corpus) -> dict:
+    """The reference: the same sources and options prepared here by one process, one worker."""
+    from data_pipeline.prepare import prepare
+
+    manifest = prepare(str(prepare_corpus), prepare_corpus.parent / "local", workers=1, log=lambda *_: None,
+                       **PREPARE_OPTIONS)
+    assert manifest["duplicates_removed"] == DUPLICATES
+    return manifest
+
+
+def submit_prepare(tmp_path: Path, name: str, args: list[str], **env: str) -> str:
+    env = {**os.environ, "PRETRAIN_PYTHON": sys.executable, **env}
+    out = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out",
+                          str(PREPARE_SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def items_per_node(log: str, phase: str) -> dict[str, int]:
+    """{node: items} from prepare's own "scan: 3 items, ..." lines, which the job prefixes with
+    the phase and node (a task with no items prints none)."""
+    return {node: int(n) for node, n in re.findall(rf"^\[{phase} (\S+)\] {phase}: (\d+) items", log, re.M)}
+
+
+@pytest.fixture(scope="module")
+def prepare_job(cluster, prepare_corpus, tmp_path_factory):
+    """slurm/prepare.sbatch on 2 nodes (default workers) over the corpus: (tmp dir, job id, info, out)."""
+    tmp = tmp_path_factory.mktemp("prepare_job")
+    out = tmp / "ds"
+    job = submit_prepare(tmp, "prep", ["--source", str(prepare_corpus), "--out", str(out), *PREPARE_ARGS])
+    return tmp, job, wait_for(job, *FINISHED, timeout=180), out
+
+
+def test_prepare_job_on_two_nodes_matches_a_one_process_prepare(prepare_job, local_manifest):
+    from data_pipeline.prepare import manifest_digest
+    from data_pipeline.verify import verify
+
+    tmp, job, info, out = prepare_job
+    log = (tmp / f"prep-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "pnode[1-2]"
+    assert re.search(rf"prepare {re.escape(str(out))} on 2 node\(s\) x \d+ worker\(s\) \(new\)", log)  # workers: the node's CPUs
+    units = int(re.search(r"^\[plan pnode1\] plan: .* in (\d+) units$", log, re.M)[1])
+    assert units >= 4
+    for phase in ("scan", "write"):  # each node did its own share of the items
+        per_node = items_per_node(log, phase)
+        assert sorted(per_node) == ["pnode1", "pnode2"] and sum(per_node.values()) == units, (phase, per_node)
+        for node in ("pnode1", "pnode2"):
+            assert f"{phase} task {int(node[-1]) - 1}/2 on {node}: exit 0" in log
+    for phase in ("plan", "scan", "dedup", "tokenizer", "write", "finalize"):
+        assert re.search(rf"phase {phase}: done in \d+\.\d s", log), phase
+    assert "[tokenizer pnode1] training sentencepiece bpe (400 pieces)" in log
+    assert not (out.parent / "ds.partial").exists()
+    assert manifest_digest(out) == local_manifest["digest"]
+    assert f"[finalize pnode1] manifest digest {local_manifest['digest']}" in log
+    assert json.loads((out / "manifest.json").read_text())["duplicates_removed"] == DUPLICATES
+    assert verify(out) == []
+
+
+def test_prepare_job_submitted_again_leaves_the_finished_dataset_alone(prepare_job, prepare_corpus, local_manifest):
+    tmp, first, _, out = prepare_job
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    job = submit_prepare(tmp, "again", ["--source", str(prepare_corpus), "--out", str(out), *PREPARE_ARGS])
+    info = wait_for(job, *FINISHED, timeout=120)
+    log = (tmp / f"again-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert f"is already prepared with these options (manifest digest {local_manifest['digest']})" in log
+    assert "phase plan" not in log
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_prepare_job_resumes_an_unfinished_prepare(cluster, prepare_corpus, local_manifest, tmp_path):
+    """An earlier attempt planned and scanned some units, then died: the job finishes it, scanning
+    only the rest, and the dataset is the one an uninterrupted prepare writes."""
+    from data_pipeline.prepare import manifest_digest, prepare
+
+    out = tmp_path / "ds"
+    for phase, task in (("plan", 0), ("scan", 0)):  # scan: units 0, 3, 6, ... (task 0 of 3)
+        prepare(str(prepare_corpus), out, phase=phase, task_index=task, task_count=1 if phase == "plan" else 3,
+                log=lambda *_: None, **PREPARE_OPTIONS)
+    units = len(json.loads((tmp_path / "ds.partial" / "plan.json").read_text())["units"])
+    done = len(range(0, units, 3))
+    job = submit_prepare(tmp_path, "resume", ["--source", str(prepare_corpus), "--out", str(out), *PREPARE_ARGS],
+                         PREPARE_WORKERS="1")
+    info = wait_for(job, *FINISHED, timeout=180)
+    log = (tmp_path / f"resume-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "x 1 worker(s) (resume)" in log and "[plan pnode1] resuming the unfinished prepare" in log
+    scanned = items_per_node(log, "scan")
+    assert sorted(scanned) == ["pnode1", "pnode2"] and sum(scanned.values()) == units - done, scanned
+    assert sum(items_per_node(log, "write").values()) == units
+    assert manifest_digest(out) == local_manifest["digest"]
+
+
+def test_prepare_job_refuses_the_flags_it_sets(cluster, prepare_corpus, tmp_path):
+    job = submit_prepare(tmp_path, "flags", ["--source", str(prepare_corpus), "--out", str(tmp_path / "ds"),
+                                             "--workers", "4"])
+    info = wait_for(job, *FINISHED, timeout=120)
+    log = (tmp_path / f"flags-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), (info, log)
+    assert "--workers is set by the job" in log and "PREPARE_WORKERS" in log
+    assert "phase plan" not in log and not (tmp_path / "ds.partial").exists()
 
 
 def test_local_cluster_start_is_idempotent_and_stop_leaves_no_daemon(cluster):
