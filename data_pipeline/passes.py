@@ -20,7 +20,7 @@ import numpy as np
 
 from .readers import Bad, InputError, read_documents
 from .shards import ShardSetWriter
-from .sources import InputFile
+from .sources import InputFile, split_key
 
 HASH_DTYPE = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("doc", "<u4")])
 HASH_RUN = 1 << 20
@@ -75,7 +75,7 @@ class Context:
                     continue
                 name, group, data = item
                 if file_val is None:  # split by the document's own group field
-                    is_val = seeded_fraction(opts["seed"], f"{source}:{group}") < opts["val_fraction"]
+                    is_val = seeded_fraction(opts["seed"], split_key(source, group)) < opts["val_fraction"]
                 else:
                     is_val = file_val
                 yield ordinal, name, is_val, data

@@ -37,7 +37,7 @@ from pathlib import Path
 from . import passes
 from .passes import Context, write_json
 from .shards import MANIFEST, MANIFEST_VERSION, write_manifest
-from .sources import list_source, parse_weighted
+from .sources import list_source, parse_weighted, split_key
 from .tokenizer import SentencePieceTokenizer, load_tokenizer_file
 
 PHASES = ("plan", "scan", "dedup", "tokenizer", "write", "finalize")
@@ -82,13 +82,13 @@ def make_plan(opts: dict, storage_options: dict | None = None) -> dict:
     for si, (spec, weight) in enumerate(opts["sources"]):
         files = list_source(spec, storage_options)
         per_doc = {f.path for f in files if opts["group_field"] and f.fmt != "text"}
-        val = val_groups([f"{spec}:{f.group}" for f in files if f.path not in per_doc],
+        val = val_groups([split_key(spec, f.group) for f in files if f.path not in per_doc],
                          opts["val_fraction"], opts["seed"])
         sources.append({"source": spec, "weight": weight, "files": len(files),
                         "bytes": sum(f.size for f in files)})
         current, size = [], 0
         for f in files:
-            is_val = None if f.path in per_doc else f"{spec}:{f.group}" in val
+            is_val = None if f.path in per_doc else split_key(spec, f.group) in val
             current.append([f.path, f.name, f.group, f.size, f.fmt, is_val])
             size += f.size
             if size >= opts["unit_mb"] * 2**20:
@@ -101,6 +101,16 @@ def make_plan(opts: dict, storage_options: dict | None = None) -> dict:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+NOT_DIGESTED = ("digest", "sources", "input_errors", "plan_digest")
+
+
+def dataset_digest(manifest: dict) -> str:
+    """The dataset's identity: its shards (names, counts, sha256), tokenizer, options and counts;
+    not how the sources were spelled or where the inputs lived (local and URL copies of the same
+    files give the same digest)."""
+    return _digest({k: v for k, v in manifest.items() if k not in NOT_DIGESTED})
 
 
 # -- running items in worker processes ----------------------------------------------------------
@@ -248,7 +258,7 @@ def _finalize(ctx: Context, log) -> dict:
                 "options": {k: v for k, v in opts.items() if k not in ("sources", "tokenizer")},
                 "splits": splits, **stats, "bad_input": bad, "input_errors": input_errors}
     manifest["plan_digest"] = plan["digest"]  # lets a re-run of a finished prepare say so
-    manifest["digest"] = _digest(manifest)
+    manifest["digest"] = dataset_digest(manifest)
     for name, split in splits.items():
         log(f"{name}: {split['documents']:,} documents, {split['bytes']:,} bytes, {split['tokens']:,} tokens, "
             f"{len(split['shards'])} shards")
@@ -269,6 +279,13 @@ def _finalize(ctx: Context, log) -> dict:
                            f"tokenization: {json.dumps({**stats, **bad})}); nothing was written to the output")
     write_manifest(ctx.root, manifest)
     return manifest
+
+
+def _clean(out: Path) -> None:
+    """Remove the work files a finished dataset no longer needs."""
+    if (out / "_work").exists():
+        shutil.rmtree(out / "_work")
+    (out / PLAN_FILE).unlink(missing_ok=True)
 
 
 def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "bytes",
@@ -297,6 +314,7 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
         plan = make_plan(opts, storage_options)
         plan["digest"] = _digest(plan)
         if finished is not None and finished.get("plan_digest") == plan["digest"]:
+            _clean(out)  # a finalize killed while cleaning up
             log(f"{out} is already prepared from these inputs and options (digest {finished['digest']})")
             return finished
         if out.exists() and any(out.iterdir()):
@@ -312,9 +330,9 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
                     f"{partial} holds an unfinished prepare with other options or inputs; re-run that "
                     "command to finish it, or pass --overwrite to start this one over")
             log(f"resuming the unfinished prepare in {partial}")
-        else:
-            for sub in ("scan", "dedup", "write"):
-                (partial / "_work" / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("scan", "dedup", "write"):
+            (partial / "_work" / sub).mkdir(parents=True, exist_ok=True)
+        if not (partial / PLAN_FILE).is_file():
             write_json(partial / PLAN_FILE, plan)
         log(f"plan: {sum(s['files'] for s in plan['sources']):,} files, "
             f"{sum(s['bytes'] for s in plan['sources']) / 1e6:,.1f} MB in {len(plan['units'])} units")
@@ -356,12 +374,11 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
             if task_index != 0:
                 continue
             manifest = _finalize(ctx, log)
-            shutil.rmtree(ctx.work)
-            (partial / PLAN_FILE).unlink()
             out.parent.mkdir(parents=True, exist_ok=True)
             if out.exists():
                 shutil.rmtree(out)
-            partial.rename(out)
+            partial.rename(out)  # the one step that makes the dataset appear, complete
+            _clean(out)
             log(f"manifest digest {manifest['digest']}")
             return manifest
     return None

@@ -7,13 +7,14 @@ per shard the documents, tokens, bytes, sha256 and tokenizer fingerprint.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import webdataset as wds
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
@@ -49,13 +50,14 @@ class ShardSetWriter:
         name = f"{self.prefix}-{len(self.shards):05d}.tar"
         self._current = {"name": name, "documents": 0, "tokens": 0, "bytes": 0,
                          "tokenizer": self.fingerprint}
-        # mtime fixed: the same documents give byte-identical shards (and manifest hashes)
-        self._writer = wds.TarWriter(str(self.out_dir / name), mtime=0)
+        self._file = open(self.out_dir / name, "wb")
+        self._writer = tarfile.open(fileobj=self._file, mode="w|")
 
     def _close(self) -> None:
         if self._writer is None:
             return
         self._writer.close()
+        self._file.close()
         self._writer = None
         path = self.out_dir / self._current["name"]
         self._current["size"] = path.stat().st_size
@@ -65,15 +67,23 @@ class ShardSetWriter:
     def write(self, key: str, name: str, tokens: np.ndarray, n_bytes: int) -> None:
         if self._writer is None:
             self._open()
-        self._writer.write({"__key__": key, "tok": tokens.astype(self.dtype).tobytes(),
-                            "json": json.dumps({"name": name, "bytes": n_bytes,
-                                                "tokenizer": self.fingerprint}).encode()})
+        meta = json.dumps({"name": name, "bytes": n_bytes, "tokenizer": self.fingerprint}).encode()
+        for ext, payload in (("json", meta), ("tok", tokens.astype(self.dtype).tobytes())):
+            self._add(f"{key}.{ext}", payload)
         self._current["documents"] += 1
         self.documents += 1
         self._current["tokens"] += int(tokens.size)
         self._current["bytes"] += int(n_bytes)
         if self._current["tokens"] * self.dtype.itemsize >= self.target_bytes:
             self._close()
+
+    def _add(self, member: str, payload: bytes) -> None:
+        """One tar member as webdataset's TarWriter writes it, with mtime 0: the same documents
+        give byte-identical shards (and manifest hashes), without importing webdataset (and torch)
+        into prepare's processes."""
+        info = tarfile.TarInfo(member)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o444, "bigdata", "bigdata"
+        self._writer.addfile(info, io.BytesIO(payload))
 
     def finish(self) -> list[dict]:
         self._close()
@@ -109,6 +119,8 @@ def iter_shard_documents(path: Path, token_dtype: str, fingerprint: str | None =
     tokenizer is an error."""
     if not path.is_file():
         raise ShardError(f"shard {path} is missing; re-run data_pipeline prepare or restore the file")
+    import webdataset as wds
+
     dtype = np.dtype(token_dtype).newbyteorder("<")
     dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=_all_shards,
                              workersplitter=_all_shards, empty_check=False)

@@ -180,6 +180,16 @@ def list_source(spec: str, storage_options: dict | None = None) -> list[InputFil
     return list_path(spec)
 
 
+NAMED_SOURCES = ("shakespeare", "stdlib")
+
+
+def split_key(spec: str, group: str) -> str:
+    """What the train/val split hashes for a group. A named source's groups carry its name; a
+    path's or URL's do not, so the same files give the same split however the source is spelled
+    (``corpus``, ``/data/corpus``, ``http://host/corpus/``)."""
+    return f"{spec}:{group}" if spec in NAMED_SOURCES else group
+
+
 def parse_weighted(spec: str) -> tuple[str, float]:
     """'stdlib:0.5' -> ('stdlib', 0.5); a suffix that is not a number stays part of the path,
     and so does a URL's port ('http://host:8000' has no weight)."""

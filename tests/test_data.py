@@ -50,7 +50,6 @@ def test_shakespeare_round_trip_and_split_keeps_editions_together(tmp_path):
     prepare("shakespeare", tmp_path / "s", log=lambda *_: None)
     back = read_back(tmp_path / "s")
     assert {d.name: d.data for d in docs} == back
-    manifest = read_manifest(tmp_path / "s")
     groups = {d.name: d.group for d in docs}
     val = {groups[n] for n, _ in iter_documents(tmp_path / "s", "val")}
     train = {groups[n] for n, _ in iter_documents(tmp_path / "s", "train")}

@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,12 +102,15 @@ def http_server():
         server.server_close()
 
 
-def test_url_source_over_http_gives_the_same_shards(tmp_path, formats_corpus, http_server):
-    root, _ = formats_corpus
-    local = prepare(str(root), tmp_path / "local", val_fraction=0.0, shard_mb=0.01, **QUIET)
-    remote = prepare(http_server(root) + "/", tmp_path / "remote", val_fraction=0.0, shard_mb=0.01, **QUIET)
-    assert [s["sha256"] for s in remote["splits"]["train"]["shards"]] == \
-        [s["sha256"] for s in local["splits"]["train"]["shards"]]
+def test_url_source_over_http_gives_the_same_dataset(tmp_path, formats_corpus, http_server):
+    root = tmp_path / "src"
+    shutil.copytree(formats_corpus[0], root)
+    for i in range(4):  # more groups to split
+        (root / "plain" / f"more-{i}.jsonl").write_bytes(jsonl_bytes(documents(10, seed=10 + i)))
+    local = prepare(str(root), tmp_path / "local", val_fraction=0.3, shard_mb=0.01, **QUIET)
+    remote = prepare(http_server(root) + "/", tmp_path / "remote", val_fraction=0.3, shard_mb=0.01, **QUIET)
+    assert remote["digest"] == local["digest"]  # same files, same split and shards, wherever they live
+    assert remote["splits"]["val"]["documents"] > 0 and remote["sources"] != local["sources"]
     assert remote["duplicates_removed"] == local["duplicates_removed"] == 180  # 4 formats, same texts
 
 
@@ -268,8 +272,6 @@ def test_a_later_phase_without_its_predecessor_is_refused(tmp_path, many_units):
 
 
 def test_version_1_datasets_still_load(tmp_path, dataset):
-    import shutil
-
     old = tmp_path / "v1"
     shutil.copytree(dataset, old)
     manifest = read_manifest(old)
@@ -338,6 +340,21 @@ def test_resume_redoes_only_unfinished_units(tmp_path, many_units):
     manifest = prepare(str(many_units), tmp_path / "out", **kwargs)  # the rest, resumed
     assert manifest["digest"] == prepare(str(many_units), tmp_path / "fresh", **kwargs)["digest"]
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_interrupted_finalize_and_lost_work_files_recover(tmp_path, many_units):
+    kwargs = dict(unit_mb=0.002, shard_mb=0.004, dedup_partitions=4, **QUIET)
+    fresh = prepare(str(many_units), tmp_path / "fresh", **kwargs)
+    for phase in ("plan", "scan", "dedup", "tokenizer", "write"):
+        prepare(str(many_units), tmp_path / "out", phase=phase, **kwargs)
+    shutil.rmtree(tmp_path / "out.partial" / "_work" / "scan")  # a kill in the middle of clean-up
+    assert prepare(str(many_units), tmp_path / "out", **kwargs)["digest"] == fresh["digest"]
+    (tmp_path / "fresh" / "_work").mkdir()  # finished, but its work files were not all removed
+    (tmp_path / "fresh" / "plan.json").write_text("{}")
+    lines = []
+    again = prepare(str(many_units), tmp_path / "fresh", **{**kwargs, "log": lines.append})
+    assert again["digest"] == fresh["digest"] and any("already prepared" in line for line in lines)
+    assert not (tmp_path / "fresh" / "_work").exists() and not (tmp_path / "fresh" / "plan.json").exists()
 
 
 # -- training on it ----------------------------------------------------------------------------------
