@@ -113,13 +113,14 @@ def make_corpus(work: Path, corpus_mb: float, file_mb: float, seed: int, doc_kib
     pool, n_texts = text_pool()
     params = {"version": CORPUS_VERSION, "corpus_mb": corpus_mb, "file_mb": file_mb, "seed": seed,
               "doc_kib": list(doc_kib), "pool_sha256": hashlib.sha256(pool).hexdigest()}
-    root = Path(work) / f"corpus-{corpus_mb:g}mib-f{file_mb:g}-s{seed}"
+    root = Path(work).resolve() / f"corpus-{corpus_mb:g}mib-f{file_mb:g}-s{seed}"
     marker = root / "corpus.json"
     if marker.is_file():
         info = json.loads(marker.read_text())
         if info.get("params") == params and all((root / "data" / f["name"]).is_file() and
                                                 (root / "data" / f["name"]).stat().st_size == f["bytes"]
                                                 for f in info["files"]):
+            info["path"] = str(root / "data")  # where it is now (the cache may have moved)
             log(f"corpus: reusing {root} ({info['bytes'] / 1e6:,.1f} MB, {len(info['files'])} files)")
             return info
     if root.exists():
