@@ -7,6 +7,12 @@ reads shards ``perm[s], perm[s + S], ...``: no two slots share a shard, and with
 every document is read exactly once across all ranks and workers. Each slot cycles through
 epochs on its own (a new permutation every epoch), forever unless ``epochs`` is set.
 
+Shards come from a local directory or a URL through ``storage.DataStore``: each is checked
+against the manifest's size and sha256 (and its ids against the vocabulary) before any of its
+documents is used; a damaged one raises ``ShardError`` (or is skipped and counted with
+``on_error="skip"``), a store unreachable past its retries raises ``StoreError`` (never skipped:
+the run stops and resumes exactly once the store is back).
+
 Per slot, documents pass an optional seeded shuffle buffer (``shuffle_buffer`` documents), are
 joined with EOS and cut into windows of ``seq_len + 1`` tokens (consecutive windows share one
 token, so every token is predicted exactly once). ``micro_batch_size`` windows make a batch.
@@ -31,7 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import ShardError, iter_shard_documents, read_manifest
+from .shards import ShardError, parse_shard, read_manifest
+from .storage import DataStore, StoreError
 from .tokenizer import tokenizer_from_manifest
 
 LAYOUT_KEYS = ("world_size", "num_workers", "micro_batch_size", "seq_len", "seed", "shuffle_buffer",
@@ -53,7 +60,7 @@ class SlotStream:
     def __init__(self, spec: dict, slot: int, state: dict | None):
         self.spec, self.slot = spec, slot
         self.state = dict(state) if state is not None else _fresh_slot_state()
-        self.data_dir = Path(spec["data_dir"])
+        self.store = DataStore(spec["data_dir"])
 
     # -- documents ---------------------------------------------------------------------------
     def _shards(self, epoch: int) -> list[str]:
@@ -65,9 +72,12 @@ class SlotStream:
         return order[self.slot::self.spec["num_slots"]]
 
     def _read(self, shard: str) -> Iterator[tuple[int, np.ndarray]]:
-        path = self.data_dir / shard
-        yield from enumerate(t for _, t in iter_shard_documents(path, self.spec["dtype"],
-                                                                  self.spec["fingerprint"]))
+        """A shard's documents, from bytes that matched the manifest's size and sha256 and ids
+        inside the vocabulary: nothing of a damaged shard reaches a batch."""
+        size, sha256 = self.spec["shard_meta"].get(shard, (None, None))
+        data = self.store.shard_bytes(shard, size, sha256)
+        yield from enumerate(t for _, t in parse_shard(data, self.store.where(shard), self.spec["dtype"],
+                                                       self.spec["fingerprint"], self.spec["vocab_size"]))
 
     def _raw_documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
         """(shard, index, tokens) from the saved position on; the position advances as they go."""
@@ -208,7 +218,7 @@ class StreamingLoader:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 0, epochs: int | None = None, on_error: str = "raise",
                  mask_documents: bool = False):
-        self.data_dir = Path(data_dir)
+        self.data_dir = data_dir if isinstance(data_dir, str) and "://" in data_dir else Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         splits = self.manifest["splits"]
         if split not in splits or not splits[split]["shards"]:
@@ -225,10 +235,12 @@ class StreamingLoader:
                 "fewer workers")
         self.rank, self.world, self.num_workers = rank, world_size, num_workers
         self.mask_documents = mask_documents
-        self.spec = {"data_dir": str(self.data_dir), "shards": shards, "num_slots": num_slots,
+        meta = {s["name"]: (s.get("size"), s.get("sha256")) for s in splits[split]["shards"]}
+        self.spec = {"data_dir": str(self.data_dir), "shards": shards, "shard_meta": meta, "num_slots": num_slots,
                      "seq_len": seq_len, "micro_batch_size": micro_batch_size, "seed": seed,
                      "shuffle_buffer": shuffle_buffer, "epochs": epochs, "on_error": on_error,
                      "eos_id": self.tokenizer.eos_id, "dtype": self.manifest["tokenizer"]["dtype"],
+                     "vocab_size": self.tokenizer.vocab_size,
                      "fingerprint": self.manifest["tokenizer"].get("fingerprint"),
                      "num_workers": num_workers, "per_item": BATCHES_PER_ITEM}
         self.bytes_per_token = torch.from_numpy(self.tokenizer.bytes_per_token)
@@ -251,9 +263,9 @@ class StreamingLoader:
                                 prefetch_factor=2, multiprocessing_context="fork")
         try:
             yield from self._consume(source)
-        except ShardError as exc:  # from a worker: keep the message, drop the worker traceback
+        except (ShardError, StoreError) as exc:  # from a worker: keep the message, drop its traceback
             lines = str(exc).strip().splitlines()
-            raise ShardError(lines[-1].split("ShardError: ", 1)[-1]) from None
+            raise type(exc)(lines[-1].split(f"{type(exc).__name__}: ", 1)[-1]) from None
 
     def _consume(self, source) -> Iterator[dict]:
         seq, rows = self.spec["seq_len"], self.spec["micro_batch_size"]

@@ -97,61 +97,80 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path} not found: prepare the dataset first with "
-                         f"`python -m data_pipeline prepare --source shakespeare --out {data_dir}`")
+    """The manifest of a local or remote (URL) dataset."""
+    from .storage import DataStore, StoreError
+
+    store = DataStore(data_dir)
+    where = store.where(MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        text = store.read_bytes(MANIFEST).decode("utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardError(f"{where} not found: prepare the dataset first with "
+                         f"`python -m data_pipeline prepare --source shakespeare --out {store.where()}`") from None
+    except StoreError as exc:
+        raise ShardError(f"cannot read the manifest: {exc}") from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ShardError(f"{path} is not valid JSON ({exc}); re-run data_pipeline prepare") from None
+        raise ShardError(f"{where} is not valid JSON ({exc}); re-run data_pipeline prepare") from None
     if manifest.get("version") not in READABLE_VERSIONS:
-        raise ShardError(f"{path}: manifest version {manifest.get('version')!r} is not supported "
+        raise ShardError(f"{where}: manifest version {manifest.get('version')!r} is not supported "
                          f"(this code reads {', '.join(map(str, READABLE_VERSIONS))}); re-run "
                          "data_pipeline prepare with this version")
     return manifest
 
 
-def iter_shard_documents(path: Path, token_dtype: str, fingerprint: str | None = None,
-                         with_names: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, token ids) for every document of one shard, in stored order (the document's
-    name instead of the key ``with_names``); with ``fingerprint``, a document written by another
-    tokenizer is an error."""
-    if not path.is_file():
-        raise ShardError(f"shard {path} is missing; re-run data_pipeline prepare or restore the file")
-    import webdataset as wds
+def parse_shard(data: bytes, where: str, token_dtype: str, fingerprint: str | None = None,
+                vocab_size: int | None = None, with_names: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, token ids) for every document of a shard's bytes, in stored order (the
+    document's name instead of the key ``with_names``). With ``fingerprint``, a document written
+    by another tokenizer is an error; with ``vocab_size``, so is an id outside the vocabulary."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     dtype = np.dtype(token_dtype).newbyteorder("<")
-    dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=_all_shards,
-                             workersplitter=_all_shards, empty_check=False)
+    folder = where.rsplit("/", 1)[0]
     try:
-        for sample in dataset:
+        members = ({**m, "__url__": where} for m in tar_file_iterator(io.BytesIO(data)))
+        for sample in group_by_keys(members):
             if "tok" not in sample:
-                raise ShardError(f"shard {path}: sample {sample.get('__key__')!r} has no 'tok' field")
+                raise ShardError(f"shard {where}: sample {sample.get('__key__')!r} has no 'tok' field")
             meta = json.loads(sample["json"]) if (fingerprint is not None or with_names) and "json" in sample else {}
             if fingerprint is not None:
                 written_by = meta.get("tokenizer")
                 if written_by != fingerprint:
-                    raise ShardError(f"shard {path} was written by tokenizer {written_by!r}, but this "
+                    raise ShardError(f"shard {where} was written by tokenizer {written_by!r}, but this "
                                      f"dataset's manifest says {fingerprint!r}: shards from another "
                                      "preparation were mixed in; re-run data_pipeline prepare")
-            yield meta.get("name") if with_names else sample["__key__"], np.frombuffer(sample["tok"], dtype=dtype)
+            tokens = np.frombuffer(sample["tok"], dtype=dtype)
+            if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+                raise ShardError(f"shard {where}: document {sample['__key__']!r} holds token id {int(tokens.max())}, "
+                                 f"outside the tokenizer's {vocab_size} ids (altered); "
+                                 f"run `python -m data_pipeline verify {folder}`")
+            yield meta.get("name") if with_names else sample["__key__"], tokens
     except ShardError:
         raise
     except Exception as exc:  # tarfile/webdataset errors on truncated or altered files
-        raise ShardError(f"shard {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
-                         f"run `python -m data_pipeline verify {path.parent}`") from None
+        raise ShardError(f"shard {where} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+                         f"run `python -m data_pipeline verify {folder}`") from None
+
+
+def iter_shard_documents(path: Path, token_dtype: str, fingerprint: str | None = None,
+                         with_names: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """``parse_shard`` of a local shard file (no checksum: the loader checks shards against the
+    manifest through ``storage.DataStore``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing; re-run data_pipeline prepare or restore the file")
+    yield from parse_shard(path.read_bytes(), str(path), token_dtype, fingerprint, with_names=with_names)
 
 
 def iter_documents(data_dir: str | Path, split: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, token ids) of every document of a split, in stored order."""
-    data_dir = Path(data_dir)
+    """(name, token ids) of every document of a split of a local or remote dataset, in stored
+    order, each shard checked against the manifest."""
+    from .storage import DataStore
+
+    store = DataStore(data_dir)
     manifest = read_manifest(data_dir)
     for shard in manifest["splits"][split]["shards"]:
-        yield from iter_shard_documents(data_dir / shard["name"], manifest["tokenizer"]["dtype"],
-                                        with_names=True)
-
-
-def _all_shards(urls):
-    """Our loader splits data across ranks itself; webdataset must not split again."""
-    return urls
+        data = store.shard_bytes(shard["name"], shard.get("size"), shard.get("sha256"))
+        yield from parse_shard(data, store.where(shard["name"]), manifest["tokenizer"]["dtype"], with_names=True)

@@ -286,10 +286,15 @@ def tokenizer_from_manifest(info: dict, data_dir: str | Path | None = None) -> T
         raise ValueError(f"unknown tokenizer kind {kind!r} in manifest (supported: bytes, sentencepiece, hf)")
     if data_dir is None:
         raise ValueError(f"a {kind} dataset needs its directory to load its tokenizer file")
-    path = Path(data_dir) / info.get("model_file", classes[kind].model_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the dataset's {kind} tokenizer is needed")
-    tok = classes[kind](path.read_bytes(), eos_id=info.get("eos_id"))
+    from .storage import DataStore
+
+    store = DataStore(data_dir)
+    name = info.get("model_file", classes[kind].model_file)
+    path = store.where(name)
+    try:
+        tok = classes[kind](store.read_bytes(name), eos_id=info.get("eos_id"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{path} is missing: the dataset's {kind} tokenizer is needed") from None
     if tok.fingerprint != info.get("fingerprint"):
         raise ValueError(f"{path} does not match the manifest's tokenizer fingerprint "
                          f"({tok.fingerprint} != {info.get('fingerprint')}): re-run prepare")

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command = shlex.join(["python", "-m", "pretrain", *argv])   # what reports record
 
     from data_pipeline.shards import ShardError
+    from data_pipeline.storage import StoreError
     from model.config import ConfigError
     from pretrain.core.checkpoint import CheckpointError
     from pretrain.core.trainer import EXIT_DIVERGED, TrainingDiverged
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr, flush=True)
     try:
         return args.run(args)
-    except (ConfigError, ShardError, CheckpointError) as exc:
+    except (ConfigError, ShardError, StoreError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

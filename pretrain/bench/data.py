@@ -2,17 +2,22 @@
 
 Counts source bytes delivered in packed training batches (tokens x the dataset's mean bytes
 per token) per wall-clock second, after a warm-up, in the consuming process: what the trainer
-would see. Per-worker figures divide by the worker count.
+would see. Per-worker figures divide by the worker count. ``--data`` may be a URL; ``--remote``
+serves a local dataset from a real HTTP server and a real S3-compatible server on 127.0.0.1 and
+measures both beside local disk in the same run (every shard checked against its sha256, no
+cache: each shard crosses the network).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from data_pipeline.loader import StreamingLoader
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import is_url, redact
 
 
 def measure(data_dir: str, workers: int, seq_len: int, micro_batch: int, seconds: float,
@@ -35,17 +40,43 @@ def measure(data_dir: str, workers: int, seq_len: int, micro_batch: int, seconds
 
 
 def run(data_dir: str, out: str, seq_len: int = 2048, micro_batch: int = 8,
-        seconds: float = 5.0) -> dict:
-    runs = [measure(data_dir, w, seq_len, micro_batch, seconds) for w in (1, 2)]
-    results = {"benchmark": "data", "data": str(data_dir), "seq_len": seq_len,
+        seconds: float = 5.0, remote: bool = False) -> dict:
+    from pretrain.bench import provenance
+
+    stores = {"local": data_dir}
+    servers = []
+    if remote:
+        if is_url(data_dir):
+            raise SystemExit("bench data: --remote serves a local dataset directory; give --data a path")
+        from pretrain.bench.servers import HttpStore, S3Store
+
+        http, s3 = HttpStore(data_dir), S3Store(data_dir)
+        servers = [http, s3]
+        os.environ.update(s3.env)  # dummy keys for the local server only
+        stores.update(http=http.url, s3=s3.url)
+    elif is_url(data_dir):
+        stores = {data_dir.split("://", 1)[0]: data_dir}
+    try:
+        runs = [{"store": name, "url": redact(str(root)), **measure(root, w, seq_len, micro_batch, seconds)}
+                for name, root in stores.items() for w in (1, 2)]
+    finally:
+        for server in servers:
+            server.stop()
+    by = {(r["store"], r["workers"]): r["mb_per_s"] for r in runs}
+    results = {"benchmark": "data", "data": redact(str(data_dir)), "seq_len": seq_len,
                "micro_batch_size": micro_batch, "runs": runs,
-               "mb_per_s_per_worker": min(r["mb_per_s_per_worker"] for r in runs)}
+               "mb_per_s_per_worker": min(r["mb_per_s_per_worker"] for r in runs if r["store"] == next(iter(stores))),
+               "remote_vs_local": {f"{s}_{w}w": by[(s, w)] / by[("local", w)] for s in stores if s != "local"
+                                   for w in (1, 2)} if remote else {},
+               "commit": provenance.commit(), "date": provenance.utc_now(), "hardware": provenance.hardware(),
+               "dataset": provenance.dataset(data_dir)}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"{'workers':>8} {'batches/s':>10} {'MB/s':>10} {'MB/s/worker':>12}")
+    print(f"{'store':>6} {'workers':>8} {'batches/s':>10} {'MB/s':>10} {'MB/s/worker':>12} {'vs local':>9}")
     for r in runs:
-        print(f"{r['workers']:>8} {r['batches'] / r['seconds']:>10.1f} {r['mb_per_s']:>10.1f} "
-              f"{r['mb_per_s_per_worker']:>12.1f}")
+        ratio = r["mb_per_s"] / by[("local", r["workers"])] if ("local", r["workers"]) in by else float("nan")
+        print(f"{r['store']:>6} {r['workers']:>8} {r['batches'] / r['seconds']:>10.1f} {r['mb_per_s']:>10.1f} "
+              f"{r['mb_per_s_per_worker']:>12.1f} {ratio:>8.2f}x")
     print(f"packed {seq_len}-token sequences, batch {micro_batch}; results in {out}/results.json")
     return results
 
@@ -55,7 +86,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Streams packed training batches from a prepared dataset with "
                                    "1 and then 2 DataLoader workers and reports MB/s of source "
                                    "bytes delivered, in total and per worker.")
-    p.add_argument("--data", required=True, help="dataset directory written by data_pipeline prepare")
+    p.add_argument("--data", required=True, help="dataset written by data_pipeline prepare: a directory or a URL")
+    p.add_argument("--remote", action="store_true",
+                   help="also serve --data over HTTP and S3 (moto) on 127.0.0.1 and measure both beside local disk")
     p.add_argument("--out", required=True, help="output directory for results.json")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
@@ -64,5 +97,5 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds)
+    run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds, args.remote)
     return 0

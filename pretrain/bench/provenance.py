@@ -41,11 +41,21 @@ def busy_warning() -> str | None:
             "the machine, so speed and memory numbers measured now will be off")
 
 
+def _manifest_bytes(path: str | Path) -> bytes | None:
+    """A local or remote (URL) dataset's manifest.json, None without one."""
+    from data_pipeline.storage import DataStore, StoreError
+
+    try:
+        return DataStore(path).read_bytes("manifest.json")
+    except (FileNotFoundError, NotADirectoryError, StoreError):
+        return None
+
+
 def dataset_digest(path: str | Path) -> str | None:
     """The first 12 hex digits of the dataset's manifest.json sha256 (shards are byte-reproducible,
     so this names the data); None without a manifest."""
-    manifest = Path(path) / "manifest.json"
-    return _digest(manifest.read_bytes()) if manifest.is_file() else None
+    raw = _manifest_bytes(path)
+    return _digest(raw) if raw is not None else None
 
 
 def _digest(manifest_bytes: bytes) -> str:
@@ -54,12 +64,13 @@ def _digest(manifest_bytes: bytes) -> str:
 
 def dataset(path: str | Path) -> dict:
     """Which data a benchmark trained and evaluated on: path, manifest digest, documents per split."""
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return {"path": str(path), "manifest_sha256": None, "documents": {}}
-    raw = manifest.read_bytes()
+    from data_pipeline.storage import redact
+
+    raw = _manifest_bytes(path)
+    if raw is None:
+        return {"path": redact(str(path)), "manifest_sha256": None, "documents": {}}
     splits = {name: split.get("documents") for name, split in json.loads(raw)["splits"].items()}
-    return {"path": str(path), "manifest_sha256": _digest(raw), "documents": splits}
+    return {"path": redact(str(path)), "manifest_sha256": _digest(raw), "documents": splits}
 
 
 def describe_dataset(data: dict) -> str:

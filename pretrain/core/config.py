@@ -9,6 +9,7 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,36 @@ __all__ = ["ConfigError", "DataConfig", "LogConfig", "ModelConfig", "OptimConfig
 
 @dataclass
 class DataConfig:
-    path: str = "data/shakespeare"     # a directory written by `python -m data_pipeline prepare`
+    """The dataset and how to read it. ``path`` may be a URL (http(s)://, s3://, any fsspec
+    protocol); the store settings below become the process's defaults when the config loads."""
+    path: str = "data/shakespeare"     # written by `python -m data_pipeline prepare`: a directory or URL
     tokenizer: Literal["auto", "bytes", "sentencepiece", "hf"] = "auto"  # expected; auto = the dataset's
     num_workers: int = 0               # DataLoader worker processes per rank (0: in-process)
     shuffle_buffer: int = 0            # documents in the seeded shuffle buffer (0: shard order only)
     mask_documents: bool = False       # mask attention across document boundaries in packed rows
     on_error: Literal["raise", "skip"] = "raise"  # a corrupt/missing shard: fail, or skip and count
+    s3_endpoint: str = ""              # S3-compatible endpoint URL ("" = $AWS_ENDPOINT_URL or AWS)
+    timeout_s: float = 30.0            # per request to a remote store
+    retries: int = 5                   # retries of a failed remote read (connection, timeout, 5xx, 429)
+    retry_backoff_s: float = 0.5       # first wait between retries, doubled each time (at most 10 s)
+    cache_dir: str = ""                # local cache of verified remote shards ("" = none)
+    cache_gb: float = 10.0             # its bound; least recently used shards are evicted
 
     def validate(self) -> None:
         if self.shuffle_buffer < 0 or self.num_workers < 0:
             raise ConfigError("data.shuffle_buffer and data.num_workers must be >= 0")
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@", self.path):
+            raise ConfigError("data.path must not hold credentials (user:password@): configs are saved with "
+                              "every run; use the AWS environment variables or files, or ~/.netrc")
+        if self.retries < 0 or self.timeout_s <= 0 or self.retry_backoff_s < 0 or self.cache_gb <= 0:
+            raise ConfigError("data.retries and data.retry_backoff_s must be >= 0, data.timeout_s and "
+                              "data.cache_gb > 0")
+
+    def store_options(self):
+        from data_pipeline.storage import StoreOptions
+
+        return StoreOptions(s3_endpoint=self.s3_endpoint, timeout_s=self.timeout_s, retries=self.retries,
+                            backoff_s=self.retry_backoff_s, cache_dir=self.cache_dir, cache_gb=self.cache_gb)
 
 
 @dataclass
@@ -295,7 +316,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     tree = apply_overrides(tree, overrides or [])
-    return build_typed(RunConfig, tree, "").validate()
+    cfg = build_typed(RunConfig, tree, "").validate()
+    from data_pipeline.storage import configure
+
+    configure(cfg.data.store_options())  # every loader of this process reads data.path this way
+    return cfg
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -423,9 +423,10 @@ def dry_run(cfg: RunConfig, world_size: int | None) -> int:
     world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.parallel.tp * cfg.parallel.pp
     validate_layout(cfg, world)
     if cfg.model.vocab_size == 0:
-        manifest = Path(cfg.data.path) / "manifest.json"
-        vocab = (read_manifest(cfg.data.path)["tokenizer"]["vocab_size"] if manifest.is_file()
-                 else ByteTokenizer().vocab_size)
+        from data_pipeline.storage import is_url
+
+        present = is_url(cfg.data.path) or (Path(cfg.data.path) / "manifest.json").is_file()
+        vocab = read_manifest(cfg.data.path)["tokenizer"]["vocab_size"] if present else ByteTokenizer().vocab_size
         resolve_vocab(cfg, vocab)
     family = get_family(cfg.model.name)
     print(format_estimate(cfg.model.name, estimate(cfg, world, family.parameter_count(cfg.model))))
