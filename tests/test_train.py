@@ -203,6 +203,29 @@ def test_sigkill_mid_checkpoint_keeps_latest_on_the_previous_one(dataset, tmp_pa
 
 
 @pytest.mark.integration
+def test_resumed_run_logs_the_same_records_when_checkpoints_fall_between_log_lines(dataset, tmp_path):
+    """log_every 5, checkpoint_every 3, killed while writing step 12's checkpoint: resumed from
+    step 9, the steps 6-9 not yet logged travel in the checkpoint, so the step-10 record (mean
+    loss, tokens, cumulative bytes) is the uninterrupted run's."""
+    from pretrain.core.checkpoint import KILL_MID_CHECKPOINT_ENV
+
+    extra = {"train.steps": 15, "train.checkpoint_every": 3, "train.log_every": 5}
+    fields = ("loss", "tokens", "bytes", "lr", "skipped_steps")
+
+    def records(run_dir):
+        return {r["step"]: {k: r[k] for k in fields} for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r}
+    reference = tmp_path / "reference"
+    assert run_cli(*train_cmd(dataset, reference, **extra)).returncode == 0
+    run_dir = tmp_path / "killed"
+    killed = run_cli(*train_cmd(dataset, run_dir, **extra), env_extra={KILL_MID_CHECKPOINT_ENV: "12"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(*train_cmd(dataset, run_dir, **extra))
+    assert resumed.returncode == 0 and "at step 9" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+    assert sorted(records(run_dir)) == [5, 10, 15]
+    assert records(run_dir) == records(reference)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_nonfinite_updates_are_skipped_counted_and_abort_when_persistent(dataset, tmp_path, zero_stage):
     from pretrain.core.trainer import EXIT_DIVERGED, NAN_AT_STEPS_ENV

@@ -146,6 +146,8 @@ class _Window:
         self.stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, finite, bytes
         self.steps = 0
         self.start = time.perf_counter()
+        self.wall_before = 0.0  # seconds of this window spent before a resume
+        self.restored_steps = 0  # of its steps, those taken before a resume
 
     def add(self, loss: torch.Tensor, nbytes: torch.Tensor) -> None:
         finite = torch.isfinite(loss)
@@ -155,14 +157,31 @@ class _Window:
     def reduce(self) -> tuple[int, float | None, int, float]:
         """(steps, mean loss or None if none was finite, bytes over all data-parallel ranks,
         wall seconds); then reset."""
+
+        state = self.state_dict()
+        self.reset()
+        finite = state["finite"]
+        return state["steps"], (state["loss_sum"] / finite if finite else None), int(state["bytes"]), state["wall_s"]
+
+    def state_dict(self) -> dict:
+        """The unlogged steps so far, summed over data-parallel ranks: a checkpoint carries them,
+        so the first log line after a resume covers the same steps (and bytes) as without one."""
         from megatron.core import parallel_state
 
         stats = self.stats.clone()
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
         loss_sum, finite, nbytes = stats.tolist()
-        steps, wall = self.steps, time.perf_counter() - self.start
+        return {"steps": self.steps, "loss_sum": loss_sum, "finite": finite, "bytes": nbytes,
+                "wall_s": self.wall_before + time.perf_counter() - self.start}
+
+    def load_state_dict(self, state: dict, holds_sums: bool) -> None:
+        """``holds_sums``: this rank carries the sums (one per data-parallel group), others zeros."""
         self.reset()
-        return steps, (loss_sum / finite if finite else None), int(nbytes), wall
+        if holds_sums:
+            self.stats = torch.tensor([state["loss_sum"], state["finite"], state["bytes"]],
+                                      dtype=torch.float64, device=self.device)
+        self.steps, self.wall_before = state["steps"], state["wall_s"]
+        self.restored_steps = state["steps"]
 
 
 def _report_rank(layout, what: str) -> None:
@@ -255,6 +274,7 @@ def train(cfg: RunConfig, resume: str = "auto",
 
     def save(at_step: int) -> None:
         client = {"step": at_step, "tokens": tokens, "bytes": nbytes, "elapsed_s": elapsed,
+                  "log_window": window.state_dict(),
                   # not "skipped_steps": DeepSpeed keeps a key of that name for itself
                   "nonfinite_skipped_steps": skipped, "nonfinite_in_a_row": skipped_in_a_row,
                   "tokenizer": tokenizer.get("fingerprint")}
@@ -277,10 +297,13 @@ def train(cfg: RunConfig, resume: str = "auto",
     batches = iter(data)
     last_saved = step
     window = _Window(layout.device)
+    if source is not None and "log_window" in client:
+        window.load_state_dict(client["log_window"], holds_sums=layout.dp_rank == 0)
 
     def log_window() -> None:
         """One metrics record for the steps since the last one (one host sync per log line)."""
         nonlocal nbytes
+        fresh = window.steps - window.restored_steps  # the progress bar started after the others
         steps, loss_avg, window_bytes, wall = window.reduce()
         nbytes += window_bytes
         tps = steps * tokens_per_step / wall
@@ -297,7 +320,7 @@ def train(cfg: RunConfig, resume: str = "auto",
         if family.supports.training_metrics:  # e.g. FractalFormer's per-level losses
             record.update(model.log_metrics())
         logger.log(record)
-        logger.advance(steps, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
+        logger.advance(fresh, {"loss": f"{loss_avg:.3f}" if loss_avg is not None else "nan",
                                "tok/s": f"{tps:,.0f}", "mfu": f"{record['mfu']:.0%}"})
 
     try:
@@ -351,9 +374,7 @@ def train(cfg: RunConfig, resume: str = "auto",
             if on_step is not None:
                 on_step(step, time.perf_counter() - t0)
             if stop.requested(layout.world_size):
-                steps, _, window_bytes, _ = window.reduce()  # count unlogged steps before saving
-                nbytes += window_bytes
-                logger.advance(steps)
+                logger.advance(window.steps - window.restored_steps)  # unlogged steps travel in the checkpoint
                 if step != last_saved:
                     save(step)
                 logger.print(f"stopped by signal {stop.signum} at step {step}; run the same "
