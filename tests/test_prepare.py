@@ -184,6 +184,9 @@ def bad_corpus(tmp_path) -> Path:
         + b'{"text": 42}\n' + b'{"text": ""}\n' + b'{"text": "caf\xe9 in latin-1"}\n' + b"\n" + jsonl_bytes(["another fine one"]))
     (src / "b_empty.txt").write_bytes(b"")
     (src / "c_cut.jsonl.gz").write_bytes(gzip.compress(good)[:-30])
+    import zstandard
+
+    (src / "c_cut2.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(good)[:-30])
     pq.write_table(pa.table({"text": documents(10)}), src / "d_cut.parquet")
     data = (src / "d_cut.parquet").read_bytes()
     (src / "d_cut.parquet").write_bytes(data[:len(data) // 2])
@@ -198,7 +201,7 @@ def test_bad_input_is_counted_per_file_and_the_rest_kept(tmp_path, bad_corpus):
     errors = {Path(p).name: kinds for p, kinds in manifest["input_errors"].items()}
     assert errors["a_mixed.jsonl"] == {"malformed_json": 1, "missing_field": 2, "empty": 1, "not_utf8": 1}
     assert errors["b_empty.txt"] == {"empty": 1}
-    assert errors["c_cut.jsonl.gz"] == {"truncated": 1}
+    assert errors["c_cut.jsonl.gz"] == errors["c_cut2.jsonl.zst"] == {"truncated": 1}
     assert errors["d_cut.parquet"] == {"truncated": 1}
     assert errors["e_nocolumn.parquet"] == {"missing_field": 1}
     assert errors["f_latin1.txt"] == {"not_utf8": 1}  # a subword tokenizer needs UTF-8
