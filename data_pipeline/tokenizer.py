@@ -39,6 +39,9 @@ class _Base:
     kind = ""
     model_file: str | None = None
     prefix_bytes = 0
+    # decode(encode(text)) == text for any text whose ids' byte counts add up to its size: prepare
+    # then checks only that sum (a special token's text, which counts 0 bytes, still fails it)
+    lossless_by_construction = False
 
     def _finish(self) -> None:
         """bytes_per_token with the EOS carrying the dummy-prefix correction."""
@@ -65,6 +68,7 @@ class ByteTokenizer(_Base):
     """Raw UTF-8 bytes: ids 0..255 are bytes, then special ids. Lossless by construction."""
 
     kind = "bytes"
+    lossless_by_construction = True
     EOS = 256   # document separator in packed sequences
     PAD = 257
 
@@ -237,6 +241,9 @@ class HFTokenizer(_Base):
                 counts[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
         self.bytes_per_token = counts
         self.prefix_bytes = max(int(counts[self.tok.encode("a", add_special_tokens=False).ids].sum()) - 1, 0)
+        # byte-level BPE without a normalizer maps bytes to pieces and back one to one
+        self.lossless_by_construction = (byte_level and spec.get("normalizer") is None and self.prefix_bytes == 0
+                                         and _mentions(spec.get("decoder"), "ByteLevel"))
         self._finish()
 
     def encode(self, data: bytes) -> np.ndarray:

@@ -162,6 +162,24 @@ def test_lossy_documents_are_counted_and_dropped(tmp_path, tokenizer_files):
     assert manifest["dropped_not_lossless"] == 1 and manifest["splits"]["train"]["documents"] == 20
 
 
+def test_a_normalizing_tokenizer_is_checked_by_decoding(tmp_path):
+    """Lowercasing keeps byte counts: only the round trip shows the documents it changes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.normalizer = normalizers.Lowercase()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(documents(50), trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(jsonl_bytes(["all lower case here", "Has Capitals", "more lower case"]))
+    manifest = prepare(str(src), tmp_path / "out", tokenizer=str(tmp_path / "tokenizer.json"), val_fraction=0.0, **QUIET)
+    assert manifest["dropped_not_lossless"] == 1 and manifest["splits"]["train"]["documents"] == 2
+
+
 def test_a_bad_tokenizer_file_is_a_clear_error(tmp_path, formats_corpus):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     result = run_cli("-m", "data_pipeline", "prepare", "--source", str(formats_corpus[0] / "plain"),
