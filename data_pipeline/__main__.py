@@ -16,7 +16,7 @@ line and .parquet files a text column (--text-field), read one row group at a ti
 be local paths, directories, globs or fsspec URLs (http(s)://, s3://; --s3-endpoint for an
 S3-compatible store; credentials come from the usual AWS environment and files).
 
-memory: bounded whatever the corpus size; per worker about one row group or 1 MiB of text, a
+memory: bounded whatever the corpus size; per worker about one row group or 4 MiB of text, a
 run of content hashes (20 MiB), the sentencepiece sample when training one (--sp-sample-mb)
 and one dedup partition (28 bytes per document / --dedup-partitions).
 
