@@ -13,6 +13,7 @@ import hashlib
 import heapq
 import json
 import os
+from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -105,27 +106,31 @@ def scan_unit(ctx: Context, unit: dict) -> dict:
     u, parts = unit["index"], ctx.opts["dedup_partitions"]
     errors: dict = {}
     hash_path = ctx.work / "scan" / f"u{u:06d}.hash"
-    runs, buf = [], []
+    runs = []
+    digests, ordinals = bytearray(), array("I")  # 16 + 4 bytes per document of the current run
     sample_budget = int(ctx.opts["sp_sample_mb"] * 2**20) if ctx.opts["tokenizer"] == "sentencepiece" else 0
     heap, heap_bytes = [], 0  # max-heap of (-key, size, data)
     seed_prefix = f"{ctx.opts['seed']}:sample:".encode()
     count = 0
     with open(hash_path, "wb") as out:
         def flush():
-            if not buf:
+            if not ordinals:
                 return
-            arr = np.array(buf, dtype=HASH_DTYPE)
+            halves = np.frombuffer(bytes(digests), dtype="<u8").reshape(-1, 2)
+            arr = np.empty(len(ordinals), HASH_DTYPE)
+            arr["h0"], arr["h1"], arr["doc"] = halves[:, 0], halves[:, 1], np.frombuffer(ordinals, dtype=np.uint32)
             arr = arr[np.argsort(arr["h0"] % parts, kind="stable")]
             bounds = np.searchsorted(arr["h0"] % parts, np.arange(parts + 1))
             start = out.tell() // HASH_DTYPE.itemsize
             runs.append((bounds + start).tolist())
             out.write(arr.tobytes())
-            buf.clear()
+            del digests[:], ordinals[:]
         for ordinal, _, is_val, data in ctx.documents(unit, errors):
             digest = hashlib.sha256(data).digest()
-            buf.append((int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:16], "little"), ordinal))
+            digests += digest[:16]
+            ordinals.append(ordinal)
             count += 1
-            if len(buf) >= HASH_RUN:
+            if len(ordinals) >= HASH_RUN:
                 flush()
             if sample_budget and not is_val:
                 key = int.from_bytes(hashlib.sha256(seed_prefix + digest).digest()[:8], "little")

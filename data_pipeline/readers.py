@@ -81,13 +81,19 @@ def _decompressed(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    rest = b""
+    """Lines of a chunk stream; a line longer than a chunk is joined once, not per chunk."""
+    pending: list[bytes] = []
     for chunk in chunks:
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
+        parts = chunk.split(b"\n")
+        if len(parts) == 1:
+            pending.append(chunk)
+            continue
+        parts[0] = b"".join(pending) + parts[0] if pending else parts[0]
+        last = parts.pop()
+        pending = [last] if last else []
         yield from parts
-    if rest:
-        yield rest
+    if pending:
+        yield b"".join(pending)
 
 
 def _as_text(value, where: str) -> bytes | Bad:

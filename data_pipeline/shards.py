@@ -33,6 +33,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _HashingFile:
+    """A file opened for writing that hashes what goes through it (no read-back)."""
+
+    def __init__(self, path: Path):
+        self._f, self.hash, self.size = open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class ShardSetWriter:
     """Writes documents into ``<prefix>-NNNNN.tar`` files of about ``target_bytes`` each."""
 
@@ -50,18 +65,16 @@ class ShardSetWriter:
         name = f"{self.prefix}-{len(self.shards):05d}.tar"
         self._current = {"name": name, "documents": 0, "tokens": 0, "bytes": 0,
                          "tokenizer": self.fingerprint}
-        self._file = open(self.out_dir / name, "wb")
+        self._file = _HashingFile(self.out_dir / name)
         self._writer = tarfile.open(fileobj=self._file, mode="w|")
 
     def _close(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()
+        self._writer.close()  # writes the tar end blocks through the file
         self._file.close()
         self._writer = None
-        path = self.out_dir / self._current["name"]
-        self._current["size"] = path.stat().st_size
-        self._current["sha256"] = sha256_file(path)
+        self._current["size"], self._current["sha256"] = self._file.size, self._file.hash.hexdigest()
         self.shards.append(self._current)
 
     def write(self, key: str, name: str, tokens: np.ndarray, n_bytes: int) -> None:

@@ -172,9 +172,15 @@ class SentencePieceTokenizer(_Base):
         return [np.asarray(ids, dtype=self.token_dtype)
                 for ids in self.sp.encode([d.decode("utf-8") for d in docs], num_threads=1)]
 
+    def _content(self, ids) -> list[int]:
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids[(ids != self.eos_id) & (ids != self.pad_id)].tolist()
+
     def decode(self, ids) -> bytes:
-        ids = [int(i) for i in ids if int(i) != self.eos_id and int(i) != self.pad_id]
-        return self.sp.decode(ids).encode("utf-8")
+        return self.sp.decode(self._content(ids)).encode("utf-8")
+
+    def decode_many(self, ids: list[np.ndarray]) -> list[bytes]:
+        return [t.encode("utf-8") for t in self.sp.decode([self._content(i) for i in ids], num_threads=1)]
 
     def save(self, data_dir: Path) -> None:
         (Path(data_dir) / SP_MODEL_FILE).write_bytes(self.model_bytes)
@@ -257,8 +263,8 @@ class HFTokenizer(_Base):
         return [np.asarray(e.ids, dtype=self.token_dtype) for e in encodings]
 
     def decode(self, ids) -> bytes:
-        ids = [int(i) for i in ids if int(i) != self.eos_id]
-        return self.tok.decode(ids, skip_special_tokens=False).encode("utf-8")
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.tok.decode(ids[ids != self.eos_id].tolist(), skip_special_tokens=False).encode("utf-8")
 
     def decode_many(self, ids: list[np.ndarray]) -> list[bytes]:
         texts = self.tok.decode_batch([i.tolist() for i in ids], skip_special_tokens=False)
