@@ -61,6 +61,8 @@ class SlotStream:
         self.spec, self.slot = spec, slot
         self.state = dict(state) if state is not None else _fresh_slot_state()
         self.store = DataStore(spec["data_dir"])
+        self._ahead: dict = {}  # shard -> future of its bytes
+        self._pool = None
 
     # -- documents ---------------------------------------------------------------------------
     def _shards(self, epoch: int) -> list[str]:
@@ -71,11 +73,26 @@ class SlotStream:
             order = [shards[i] for i in np.random.default_rng([self.spec["seed"], epoch]).permutation(len(shards))]
         return order[self.slot::self.spec["num_slots"]]
 
+    def _fetch(self, shard: str) -> bytes:
+        size, sha256 = self.spec["shard_meta"].get(shard, (None, None))
+        return self.store.shard_bytes(shard, size, sha256)
+
+    def _prefetch(self, shard: str | None) -> None:
+        """Start fetching the shard read next (remote stores: the transfer overlaps this one's
+        parsing and packing)."""
+        if shard is None or not self.store.remote or shard in self._ahead:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+        self._ahead[shard] = self._pool.submit(self._fetch, shard)
+
     def _read(self, shard: str) -> Iterator[tuple[int, np.ndarray]]:
         """A shard's documents, from bytes that matched the manifest's size and sha256 and ids
         inside the vocabulary: nothing of a damaged shard reaches a batch."""
-        size, sha256 = self.spec["shard_meta"].get(shard, (None, None))
-        data = self.store.shard_bytes(shard, size, sha256)
+        ahead = self._ahead.pop(shard, None)
+        data = ahead.result() if ahead is not None else self._fetch(shard)
         yield from enumerate(t for _, t in parse_shard(data, self.store.where(shard), self.spec["dtype"],
                                                        self.spec["fingerprint"], self.spec["vocab_size"]))
 
@@ -86,6 +103,7 @@ class SlotStream:
             shards = self._shards(st["epoch"])
             while st["shard_pos"] < len(shards):
                 shard = shards[st["shard_pos"]]
+                self._prefetch(shards[st["shard_pos"] + 1] if st["shard_pos"] + 1 < len(shards) else None)
                 try:
                     for i, tokens in self._read(shard):
                         if i >= st["doc_pos"]:

@@ -4,8 +4,8 @@ Counts source bytes delivered in packed training batches (tokens x the dataset's
 per token) per wall-clock second, after a warm-up, in the consuming process: what the trainer
 would see. Per-worker figures divide by the worker count. ``--data`` may be a URL; ``--remote``
 serves a local dataset from a real HTTP server and a real S3-compatible server on 127.0.0.1 and
-measures both beside local disk in the same run (every shard checked against its sha256, no
-cache: each shard crosses the network).
+measures both beside local disk in the same run (each server in its own process; every shard
+checked against its sha256, no cache: each shard crosses the network, the next one prefetched).
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ def run(data_dir: str, out: str, seq_len: int = 2048, micro_batch: int = 8,
     if remote:
         if is_url(data_dir):
             raise SystemExit("bench data: --remote serves a local dataset directory; give --data a path")
-        from pretrain.bench.servers import HttpStore, S3Store
+        from pretrain.bench.servers import ProcessHttpStore, S3Store
 
-        http, s3 = HttpStore(data_dir), S3Store(data_dir)
+        http, s3 = ProcessHttpStore(data_dir), S3Store(data_dir, own_process=True)
         servers = [http, s3]
         os.environ.update(s3.env)  # dummy keys for the local server only
         stores.update(http=http.url, s3=s3.url)

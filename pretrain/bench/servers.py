@@ -104,19 +104,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no server on 127.0.0.1:{port} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+class ProcessHttpStore:
+    """``python -m http.server`` for ``directory`` in its own process (a benchmark's server must
+    not share the measuring process's interpreter lock)."""
+
+    def __init__(self, directory: str | Path):
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self._proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(self.port),
+                                       "--directory", str(directory)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+
+
 class S3Store:
     """moto's S3-compatible server on 127.0.0.1 with ``directory`` uploaded to
-    ``s3://bucket/prefix/``; ``env`` holds the variables a client needs (dummy keys)."""
+    ``s3://bucket/prefix/``; ``env`` holds the variables a client needs (dummy keys). In a thread
+    of this process, or (``own_process``) as ``moto_server`` in its own."""
 
-    def __init__(self, directory: str | Path, bucket: str = "datasets", prefix: str = "data"):
+    def __init__(self, directory: str | Path, bucket: str = "datasets", prefix: str = "data",
+                 own_process: bool = False):
         import logging
-
-        from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
         self.port = free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        if own_process:
+            import subprocess
+            import sys
+
+            self._server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                             "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for_port(self.port)
+        else:
+            from moto.server import ThreadedMotoServer
+
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self._server.start()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.url = f"s3://{bucket}/{prefix}"
         self.env = {**S3_KEYS, "AWS_ENDPOINT_URL": self.endpoint}
@@ -131,4 +174,8 @@ class S3Store:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
 
     def stop(self) -> None:
-        self._server.stop()
+        if hasattr(self._server, "terminate"):
+            self._server.terminate()
+            self._server.wait(timeout=30)
+        else:
+            self._server.stop()
