@@ -16,13 +16,11 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import ShardError  # raised here, imported from here by most callers
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: names of every document in the manifest (before streaming prepare)
-
-
-class ShardError(RuntimeError):
-    """A shard or manifest is missing, truncated or altered; the message names it."""
 
 
 def sha256_file(path: Path) -> str:

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .shards import ShardError
+from .errors import ShardError
 
 
 class StoreError(RuntimeError):
