@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .shards import ShardError, parse_shard, read_manifest
-from .storage import DataStore, StoreError
+from .storage import DataStore, StoreError, is_url
 from .tokenizer import tokenizer_from_manifest
 
 LAYOUT_KEYS = ("world_size", "num_workers", "micro_batch_size", "seq_len", "seed", "shuffle_buffer",
@@ -236,7 +236,7 @@ class StreamingLoader:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 0, epochs: int | None = None, on_error: str = "raise",
                  mask_documents: bool = False):
-        self.data_dir = data_dir if isinstance(data_dir, str) and "://" in data_dir else Path(data_dir)
+        self.data_dir = data_dir if is_url(data_dir) else Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         splits = self.manifest["splits"]
         if split not in splits or not splits[split]["shards"]:

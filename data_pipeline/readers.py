@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from .sources import InputFile
+from .sources import InputFile, is_url
 
 try:
     import orjson
@@ -37,7 +37,7 @@ class InputError(RuntimeError):
 
 
 def open_input(path: str, storage_options: dict | None = None):
-    if "://" in path:
+    if is_url(path):
         import fsspec
 
         return fsspec.open(path, "rb", **(storage_options or {})).open()

@@ -138,8 +138,9 @@ def list_path(spec: str) -> list[InputFile]:
     return out
 
 
-def is_url(spec: str) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", spec) is not None
+def is_url(spec: str | Path) -> bool:
+    """``scheme://...``: read through fsspec (a local path never has one)."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(spec)) is not None
 
 
 def list_url(spec: str, storage_options: dict) -> list[InputFile]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShardError
+from .sources import is_url
 
 
 class StoreError(RuntimeError):
@@ -49,10 +50,6 @@ def configure(options: StoreOptions) -> None:
     """The options every ``DataStore`` of this process (and its forked workers) uses by default."""
     global _DEFAULTS
     _DEFAULTS = options
-
-
-def is_url(path: str | Path) -> bool:
-    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)) is not None
 
 
 def redact(url: str) -> str:
