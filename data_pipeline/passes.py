@@ -39,6 +39,11 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def item_file(work: Path, phase: str, i: int, suffix: str = ".json") -> Path:
+    """A work item's file: unit i of scan/write (``u000012``), hash partition i of dedup (``p00012``)."""
+    return work / phase / (f"p{i:05d}{suffix}" if phase == "dedup" else f"u{i:06d}{suffix}")
+
+
 class Context:
     """What every item needs: the plan, its options and where the work lives."""
 
@@ -105,7 +110,7 @@ def scan_unit(ctx: Context, unit: dict) -> dict:
     unit's share of the seeded sample: train documents with the smallest seeded keys."""
     u, parts = unit["index"], ctx.opts["dedup_partitions"]
     errors: dict = {}
-    hash_path = ctx.work / "scan" / f"u{u:06d}.hash"
+    hash_path = item_file(ctx.work, "scan", u, ".hash")
     runs = []
     digests, ordinals = bytearray(), array("I")  # 16 + 4 bytes per document of the current run
     sample_budget = int(ctx.opts["sp_sample_mb"] * 2**20) if ctx.opts["tokenizer"] == "sentencepiece" else 0
@@ -143,11 +148,11 @@ def scan_unit(ctx: Context, unit: dict) -> dict:
               "errors": {p: dict(c) for p, c in errors.items()}}
     if sample_budget:
         chosen = sorted((-k, s, d) for k, s, d in heap)
-        with open(ctx.work / "scan" / f"u{u:06d}.sample", "wb") as out:
+        with open(item_file(ctx.work, "scan", u, ".sample"), "wb") as out:
             for _, _, data in chosen:
                 out.write(data)
         marker["sample"] = [[k, s] for k, s, _ in chosen]
-    write_json(ctx.work / "scan" / f"u{u:06d}.json", marker)
+    write_json(item_file(ctx.work, "scan", u, ".json"), marker)
     return marker
 
 
@@ -157,10 +162,10 @@ def dedup_partition(ctx: Context, p: int) -> dict:
     h0, h1, keys = [], [], []
     for unit in ctx.plan["units"]:
         u = unit["index"]
-        marker = json.loads((ctx.work / "scan" / f"u{u:06d}.json").read_text())
+        marker = json.loads(item_file(ctx.work, "scan", u, ".json").read_text())
         if not marker["runs"]:
             continue
-        arr = np.memmap(ctx.work / "scan" / f"u{u:06d}.hash", dtype=HASH_DTYPE, mode="r")
+        arr = np.memmap(item_file(ctx.work, "scan", u, ".hash"), dtype=HASH_DTYPE, mode="r")
         for bounds in marker["runs"]:
             seg = arr[bounds[p]:bounds[p + 1]]
             h0.append(np.array(seg["h0"]))
@@ -174,9 +179,9 @@ def dedup_partition(ctx: Context, p: int) -> dict:
         drops = np.sort(keys[1:][dup])
     else:
         drops = np.zeros(0, np.uint64)
-    np.save(ctx.work / "dedup" / f"p{p:05d}.npy", drops)
+    np.save(item_file(ctx.work, "dedup", p, ".npy"), drops)
     marker = {"duplicates": int(drops.size)}
-    write_json(ctx.work / "dedup" / f"p{p:05d}.json", marker)
+    write_json(item_file(ctx.work, "dedup", p, ".json"), marker)
     return marker
 
 
@@ -184,7 +189,7 @@ def _drops(ctx: Context, u: int) -> set[int]:
     lo, hi = np.uint64(u) << np.uint64(32), np.uint64(u + 1) << np.uint64(32)
     found: set[int] = set()
     for p in range(ctx.opts["dedup_partitions"]):
-        arr = np.load(ctx.work / "dedup" / f"p{p:05d}.npy", mmap_mode="r")
+        arr = np.load(item_file(ctx.work, "dedup", p, ".npy"), mmap_mode="r")
         a, b = np.searchsorted(arr, [lo, hi])
         found.update(int(k) & 0xFFFFFFFF for k in arr[a:b])
     return found
@@ -244,12 +249,12 @@ def write_unit(ctx: Context, unit: dict) -> dict:
             batch_bytes = 0
     if batch:
         flush()
-    scanned = json.loads((ctx.work / "scan" / f"u{u:06d}.json").read_text())["documents"]
+    scanned = json.loads(item_file(ctx.work, "scan", u, ".json").read_text())["documents"]
     if seen != scanned:
         raise InputError(f"unit {u} ({unit['files'][0][0]} ...) held {scanned} documents when scanned and "
                          f"{seen} now: an input changed during prepare; re-run with --overwrite")
     marker = {"splits": defaultdict(list), **counts}
     for (split, _), w in sorted(writers.items()):
         marker["splits"][split] += w.finish()
-    write_json(ctx.work / "write" / f"u{u:06d}.json", marker)
+    write_json(item_file(ctx.work, "write", u, ".json"), marker)
     return marker

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from . import passes
-from .passes import Context, write_json
+from .passes import Context, item_file, write_json
 from .shards import MANIFEST, MANIFEST_VERSION, write_manifest
 from .sources import list_source, parse_weighted, split_key
 from .tokenizer import SentencePieceTokenizer, load_tokenizer_file
@@ -178,16 +178,15 @@ def _run_phase(ctx: Context, kind: str, items: list, workers: int, total_bytes: 
 
 
 # -- phases ----------------------------------------------------------------------------------------
-def _pending(dir_: Path, prefix: str, indices, task_index: int, task_count: int) -> list[int]:
-    return [i for i in indices if i % task_count == task_index and not (dir_ / f"{prefix}{i:0{6 if prefix == 'u' else 5}d}.json").is_file()]
+def _pending(ctx: Context, phase: str, indices, task_index: int, task_count: int) -> list[int]:
+    return [i for i in indices if i % task_count == task_index and not item_file(ctx.work, phase, i).is_file()]
 
 
-def _require(dir_: Path, prefix: str, indices, phase: str) -> None:
-    width = 6 if prefix == "u" else 5
-    missing = [i for i in indices if not (dir_ / f"{prefix}{i:0{width}d}.json").is_file()]
+def _require(ctx: Context, phase: str, indices, later: str) -> None:
+    missing = [i for i in indices if not item_file(ctx.work, phase, i).is_file()]
     if missing:
-        raise RuntimeError(f"phase {phase} needs the earlier phase finished for every item; "
-                           f"{len(missing)} are not (first: {prefix}{missing[0]}); run it first")
+        raise RuntimeError(f"phase {later} needs the earlier phase finished for every item; "
+                           f"{len(missing)} are not (first: {item_file(ctx.work, phase, missing[0]).stem}); run it first")
 
 
 def _train_or_copy_tokenizer(ctx: Context, log) -> None:
@@ -198,7 +197,7 @@ def _train_or_copy_tokenizer(ctx: Context, log) -> None:
         chosen = []
         for unit in ctx.plan["units"]:
             u = unit["index"]
-            marker = json.loads((ctx.work / "scan" / f"u{u:06d}.json").read_text())
+            marker = json.loads(item_file(ctx.work, "scan", u, ".json").read_text())
             offset = 0
             for key, size in marker.get("sample", []):
                 chosen.append((key, u, offset, size))
@@ -215,7 +214,7 @@ def _train_or_copy_tokenizer(ctx: Context, log) -> None:
 
         def documents():
             for u, offset, size in picked:
-                with open(ctx.work / "scan" / f"u{u:06d}.sample", "rb") as f:
+                with open(item_file(ctx.work, "scan", u, ".sample"), "rb") as f:
                     f.seek(offset)
                     yield f.read(size)
         log(f"training sentencepiece {opts['sp_model_type']} ({opts['vocab_size']} pieces) on a seeded "
@@ -237,10 +236,10 @@ def _finalize(ctx: Context, log) -> dict:
     input_errors: dict = {}
     for unit in plan["units"]:
         u = unit["index"]
-        scan = json.loads((ctx.work / "scan" / f"u{u:06d}.json").read_text())
+        scan = json.loads(item_file(ctx.work, "scan", u, ".json").read_text())
         for path, kinds in scan["errors"].items():
             input_errors[path] = kinds
-        written = json.loads((ctx.work / "write" / f"u{u:06d}.json").read_text())
+        written = json.loads(item_file(ctx.work, "write", u, ".json").read_text())
         for key in ("duplicates_removed", "dropped_not_lossless"):
             stats[key] += written.get(key, 0)
         for split, shards in written["splits"].items():
@@ -351,26 +350,26 @@ def prepare(sources: str | list[str], out: str | Path, *, tokenizer: str = "byte
     parts = list(range(opts["dedup_partitions"]))
     for name in phases[1:] if phases[0] == "plan" else phases:
         if name == "scan":
-            todo = _pending(ctx.work / "scan", "u", unit_ids, task_index, task_count)
+            todo = _pending(ctx, "scan", unit_ids, task_index, task_count)
             _run_phase(ctx, "scan", [units[i] for i in todo], workers, sum(units[i]["bytes"] for i in todo),
                        progress, log)
         elif name == "dedup":
-            _require(ctx.work / "scan", "u", unit_ids, "dedup")
-            todo = _pending(ctx.work / "dedup", "p", parts, task_index, task_count)
+            _require(ctx, "scan", unit_ids, "dedup")
+            todo = _pending(ctx, "dedup", parts, task_index, task_count)
             _run_phase(ctx, "dedup", todo, workers, 0, False, log)
         elif name == "tokenizer":
-            _require(ctx.work / "scan", "u", unit_ids, "tokenizer")
+            _require(ctx, "scan", unit_ids, "tokenizer")
             if task_index == 0:
                 _train_or_copy_tokenizer(ctx, log)
         elif name == "write":
-            _require(ctx.work / "dedup", "p", parts, "write")
+            _require(ctx, "dedup", parts, "write")
             if not (ctx.work / "tokenizer.done").is_file():
                 raise RuntimeError("phase write needs the tokenizer phase finished; run it first")
-            todo = _pending(ctx.work / "write", "u", unit_ids, task_index, task_count)
+            todo = _pending(ctx, "write", unit_ids, task_index, task_count)
             _run_phase(ctx, "write", [units[i] for i in todo], workers, sum(units[i]["bytes"] for i in todo),
                        progress, log)
         elif name == "finalize":
-            _require(ctx.work / "write", "u", unit_ids, "finalize")
+            _require(ctx, "write", unit_ids, "finalize")
             if task_index != 0:
                 continue
             manifest = _finalize(ctx, log)
