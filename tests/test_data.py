@@ -277,10 +277,11 @@ def test_weighted_mixing_repeats_and_subsamples(tmp_path):
 def test_bench_data_writes_results(tmp_path, dataset):
     out = tmp_path / "bench"
     result = run_cli("-m", "pretrain", "bench", "data", "--data", str(dataset), "--out", str(out),
-                     "--seq-len", "64", "--micro-batch", "2", "--seconds", "0.5")
+                     "--seq-len", "64", "--micro-batch", "2", "--seconds", "0.5", "--rounds", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert [r["workers"] for r in results["runs"]] == [1, 2]
+    assert all(len(r["mb_per_s_rounds"]) == 2 and r["mb_per_s"] in r["mb_per_s_rounds"] for r in results["runs"])
     assert results["mb_per_s_per_worker"] > 0
 
 

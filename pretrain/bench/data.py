@@ -40,7 +40,7 @@ def measure(data_dir: str, workers: int, seq_len: int, micro_batch: int, seconds
 
 
 def run(data_dir: str, out: str, seq_len: int = 2048, micro_batch: int = 8,
-        seconds: float = 5.0, remote: bool = False) -> dict:
+        seconds: float = 5.0, remote: bool = False, rounds: int = 1) -> dict:
     from pretrain.bench import provenance
 
     stores = {"local": data_dir}
@@ -56,12 +56,24 @@ def run(data_dir: str, out: str, seq_len: int = 2048, micro_batch: int = 8,
         stores.update(http=http.url, s3=s3.url)
     elif is_url(data_dir):
         stores = {data_dir.split("://", 1)[0]: data_dir}
+    configs = [(name, root, w) for w in (1, 2) for name, root in stores.items()]
+    samples: dict = {}
     try:
-        runs = [{"store": name, "url": redact(str(root)), **measure(root, w, seq_len, micro_batch, seconds)}
-                for name, root in stores.items() for w in (1, 2)]
+        # Rounds interleave the stores, so a load that drifts during the run (other jobs on the
+        # node) moves every store's figures alike; each figure is the median over rounds.
+        for round_no in range(rounds):
+            for name, root, w in configs:
+                samples.setdefault((name, w), []).append(measure(root, w, seq_len, micro_batch, seconds))
+            if rounds > 1:
+                print(f"round {round_no + 1}/{rounds} done", flush=True)
     finally:
         for server in servers:
             server.stop()
+    runs = []
+    for name, root, w in configs:
+        median = sorted(samples[(name, w)], key=lambda r: r["mb_per_s"])[len(samples[(name, w)]) // 2]
+        runs.append({"store": name, "url": redact(str(root)), **median, "rounds": rounds,
+                     "mb_per_s_rounds": [r["mb_per_s"] for r in samples[(name, w)]]})
     by = {(r["store"], r["workers"]): r["mb_per_s"] for r in runs}
     results = {"benchmark": "data", "data": redact(str(data_dir)), "seq_len": seq_len,
                "micro_batch_size": micro_batch, "runs": runs,
@@ -77,7 +89,8 @@ def run(data_dir: str, out: str, seq_len: int = 2048, micro_batch: int = 8,
         ratio = r["mb_per_s"] / by[("local", r["workers"])] if ("local", r["workers"]) in by else float("nan")
         print(f"{r['store']:>6} {r['workers']:>8} {r['batches'] / r['seconds']:>10.1f} {r['mb_per_s']:>10.1f} "
               f"{r['mb_per_s_per_worker']:>12.1f} {ratio:>8.2f}x")
-    print(f"packed {seq_len}-token sequences, batch {micro_batch}; results in {out}/results.json")
+    print(f"packed {seq_len}-token sequences, batch {micro_batch}, median of {rounds} interleaved round(s); "
+          f"results in {out}/results.json")
     return results
 
 
@@ -93,9 +106,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per run (default 5)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every store and worker count this many times, interleaved; the median "
+                        "is reported (default 3)")
     return p
 
 
 def main(args) -> int:
-    run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds, args.remote)
+    if args.rounds < 1:
+        raise SystemExit("bench data: --rounds must be at least 1")
+    run(args.data, args.out, args.seq_len, args.micro_batch, args.seconds, args.remote, args.rounds)
     return 0

@@ -20,6 +20,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def copyfile(self, source, outputfile):
+        # the kernel copies file to socket (sendfile), as nginx and object stores' front ends
+        # do: the server's CPU per shard is not charged to the loader sharing these two cores
+        outputfile.flush()
+        self.connection.sendfile(source)
+
     def setup(self):
         super().setup()
         with self.server.store.lock:
