@@ -23,9 +23,11 @@ Resume. Each batch travels with its slot's state after producing it (epoch, shar
 documents consumed, leftover tokens, shuffle buffer as document references plus RNG state,
 skipped shards). ``state_dict()`` holds the last consumed state of every slot and the number of
 batches consumed, so a rebuilt loader continues with exactly the batches an uninterrupted one
-would have produced. The state is tied to the layout: resuming with another data-parallel size,
-worker count, batch size, sequence length or seed is refused with a message naming both values
-(re-splitting mid-epoch would silently repeat or drop documents).
+would have produced, when the layout is the same. After a change of data-parallel size, worker
+count, micro batch or sequence length, ``reshard_from(states of every old rank)`` continues
+instead: the epochs any slot had begun are finished with every document read exactly once (none
+repeated, none dropped; partly emitted documents resume at the token they had reached), and
+later epochs follow the new layout (data_pipeline/reshard.py). The seed must stay the same.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .reshard import fresh_slot_state, reshard, slot_shards
 from .shards import ShardError, parse_shard, read_manifest
 from .storage import DataStore, StoreError, is_url
 from .tokenizer import tokenizer_from_manifest
@@ -46,32 +49,21 @@ LAYOUT_KEYS = ("world_size", "num_workers", "micro_batch_size", "seq_len", "seed
 BATCHES_PER_ITEM = 8  # batches a worker sends per DataLoader item
 
 
-def _fresh_slot_state() -> dict:
-    # ``pending`` references the documents whose tokens are not fully emitted yet and
-    # ``offset`` is how far into them (EOS included) emission has got: a few integers stand
-    # for the leftover tokens, so the state crossing the worker boundary with every batch is tiny.
-    return {"epoch": 0, "shard_pos": 0, "doc_pos": 0, "pending": [], "offset": 0,
-            "shuffle_refs": [], "rng": None, "skipped": []}
-
-
 class SlotStream:
     """One slot's documents -> packed batches, resumable from a state dict."""
 
     def __init__(self, spec: dict, slot: int, state: dict | None):
         self.spec, self.slot = spec, slot
-        self.state = dict(state) if state is not None else _fresh_slot_state()
+        self.state = dict(state) if state is not None else fresh_slot_state()
         self.store = DataStore(spec["data_dir"])
         self._ahead: dict = {}  # shard -> future of its bytes
         self._pool = None
 
     # -- documents ---------------------------------------------------------------------------
     def _shards(self, epoch: int) -> list[str]:
-        shards = self.spec["shards"]
-        if self.spec["epochs"] == 1 and not self.spec["shuffle_buffer"]:
-            order = shards  # evaluation: stored order
-        else:
-            order = [shards[i] for i in np.random.default_rng([self.spec["seed"], epoch]).permutation(len(shards))]
-        return order[self.slot::self.spec["num_slots"]]
+        stored_order = self.spec["epochs"] == 1 and not self.spec["shuffle_buffer"]  # evaluation
+        return slot_shards(self.spec["shards"], self.spec["seed"], epoch, self.slot, self.spec["num_slots"],
+                           stored_order)
 
     def _fetch(self, shard: str) -> bytes:
         size, sha256 = self.spec["shard_meta"].get(shard, (None, None))
@@ -96,23 +88,36 @@ class SlotStream:
         yield from enumerate(t for _, t in parse_shard(data, self.store.where(shard), self.spec["dtype"],
                                                        self.spec["fingerprint"], self.spec["vocab_size"]))
 
-    def _raw_documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
-        """(shard, index, tokens) from the saved position on; the position advances as they go."""
+    def _shard_documents(self, shard: str, first: int, stop: int | None) -> Iterator[tuple[str, int, np.ndarray]]:
+        """Documents ``max(first, doc_pos) .. stop`` of a shard; ``doc_pos`` advances as they go."""
         st = self.state
+        try:
+            for i, tokens in self._read(shard):
+                if stop is not None and i >= stop:
+                    break
+                if i >= max(first, st["doc_pos"]):
+                    st["doc_pos"] = i + 1
+                    yield shard, i, tokens
+        except ShardError:
+            if self.spec["on_error"] != "skip":
+                raise
+            st["skipped"].append(shard)  # documents before the damage were used
+
+    def _raw_documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(shard, index, tokens) from the saved position on; the position advances as they go.
+        A resharded slot first reads its carry (data_pipeline/reshard.py)."""
+        st = self.state
+        while st.get("carry"):
+            shard, first, stop = st["carry"][0]
+            self._prefetch(st["carry"][1][0] if len(st["carry"]) > 1 else None)
+            yield from self._shard_documents(shard, first, stop)
+            st["carry"], st["doc_pos"] = st["carry"][1:], 0
         while self.spec["epochs"] is None or st["epoch"] < self.spec["epochs"]:
             shards = self._shards(st["epoch"])
             while st["shard_pos"] < len(shards):
                 shard = shards[st["shard_pos"]]
                 self._prefetch(shards[st["shard_pos"] + 1] if st["shard_pos"] + 1 < len(shards) else None)
-                try:
-                    for i, tokens in self._read(shard):
-                        if i >= st["doc_pos"]:
-                            st["doc_pos"] = i + 1
-                            yield shard, i, tokens
-                except ShardError:
-                    if self.spec["on_error"] != "skip":
-                        raise
-                    st["skipped"].append(shard)  # documents before the damage were used
+                yield from self._shard_documents(shard, 0, None)
                 st["shard_pos"], st["doc_pos"] = st["shard_pos"] + 1, 0
             st["epoch"], st["shard_pos"] = st["epoch"] + 1, 0
 
@@ -144,16 +149,17 @@ class SlotStream:
         self.state["rng"] = rng.bit_generator.state
 
     def _reload(self, refs: list) -> list:
-        """Re-read referenced documents (a saved shuffle buffer, pending leftover tokens)."""
+        """Re-read referenced documents (a saved shuffle buffer, pending leftover tokens); a
+        third element of a reference skips that many leading tokens (emitted before a reshard)."""
         wanted: dict[str, set[int]] = {}
-        for shard, index in refs:
-            wanted.setdefault(shard, set()).add(index)
+        for ref in refs:
+            wanted.setdefault(ref[0], set()).add(ref[1])
         found = {}
         for shard, indices in wanted.items():
             for i, tokens in self._read(shard):
                 if i in indices:
                     found[(shard, i)] = tokens
-        return [(s, i, found[(s, i)]) for s, i in refs]
+        return [(r[0], r[1], found[(r[0], r[1])][r[2] if len(r) > 2 else 0:]) for r in refs]
 
     # -- batches -----------------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[np.ndarray, dict]]:
@@ -319,7 +325,7 @@ class StreamingLoader:
         return sum(len(s["skipped"]) for s in self._states if s is not None)
 
     def state_dict(self) -> dict:
-        layout = {"world_size": self.world, "num_workers": self.num_workers,
+        layout = {"world_size": self.world, "num_workers": self.num_workers, "rank": self.rank,
                   "micro_batch_size": self.spec["micro_batch_size"], "seq_len": self.spec["seq_len"],
                   "seed": self.spec["seed"], "shuffle_buffer": self.spec["shuffle_buffer"],
                   "per_item": self.spec["per_item"]}
@@ -336,3 +342,22 @@ class StreamingLoader:
                     "data.shuffle_buffer)")
         self._states = copy.deepcopy(state["slots"])
         self._consumed = state["consumed"]
+
+    def same_layout(self, state: dict) -> bool:
+        mine = self.state_dict()["layout"]
+        return all(state["layout"][key] == mine[key] for key in LAYOUT_KEYS)
+
+    def reshard_from(self, saved: list[dict]) -> str:
+        """Continue from the loader states of every rank of a run with another layout (data-
+        parallel size, workers, batch shape): the epochs it had begun are finished with each
+        document read exactly once (data_pipeline/reshard.py), later ones follow this layout.
+        Returns one line saying what changed."""
+        old = saved[0]["layout"]
+        states = reshard(saved, self.spec)
+        workers = max(self.num_workers, 1)
+        self._states = states[self.rank * workers:(self.rank + 1) * workers]
+        self._consumed = 0
+        changed = [f"{key} {old[key]} -> {self.state_dict()['layout'][key]}" for key in LAYOUT_KEYS
+                   if old[key] != self.state_dict()["layout"][key]]
+        return (f"data loader resharded ({', '.join(changed)}): epochs up to {states[0]['epoch'] - 1} "
+                "finish with every document read once, then the new layout")

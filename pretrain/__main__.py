@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "pretrain", *argv])   # what reports record
 
+    from data_pipeline.reshard import ReshardError
     from data_pipeline.shards import ShardError
     from data_pipeline.storage import StoreError
     from model.config import ConfigError
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warning, file=sys.stderr, flush=True)
     try:
         return args.run(args)
-    except (ConfigError, ShardError, StoreError, CheckpointError) as exc:
+    except (ConfigError, ShardError, StoreError, CheckpointError, ReshardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

@@ -126,6 +126,16 @@ def skipped_shards(data: StreamingLoader) -> int:
     return int(count.item())
 
 
+def _resume_data(data: StreamingLoader, mine: dict, ckpt: Path) -> str | None:
+    """This rank's saved loader state when the data layout is unchanged (exact resume); else the
+    states of every saved rank, re-split (data_pipeline/reshard.py). Returns the reshard line."""
+    if data.same_layout(mine):
+        data.load_state_dict(mine)
+        return None
+    saved = [torch.load(p, weights_only=False)["data"] for p in sorted(ckpt.glob("extra_rank*.pt"))]
+    return data.reshard_from(saved)
+
+
 def _dp_mean(t: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
@@ -250,7 +260,7 @@ def train(cfg: RunConfig, resume: str = "auto",
             raise checkpoint.CheckpointError(
                 f"{source[0] / source[1]} was trained on tokenizer {client.get('tokenizer')!r}, but "
                 f"{d.path} holds {tokenizer.get('fingerprint')!r}: resume on the same dataset")
-        data.load_state_dict(extra["data"])
+        resharded = _resume_data(data, extra["data"], source[0] / source[1])
         checkpoint.set_rng_state(extra["rng"])
         if controller is not None and "qcontrol" in extra:
             controller.load_state_dict(extra["qcontrol"])
@@ -262,6 +272,8 @@ def train(cfg: RunConfig, resume: str = "auto",
     logger = RunLogger(cfg, run_dir, layout.is_main, step)
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}")
+        if resharded:
+            logger.print(resharded)
     n_params = family.parameter_count(cfg.model)
     logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
                  f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
