@@ -209,3 +209,20 @@ def test_the_cli_reports_a_mismatch_in_one_line_with_exit_2(dataset, tmp_path, h
     assert not (tmp_path / "run").exists()  # nothing started
     dry = run_cli(*args, "--dry-run")
     assert dry.returncode == 2 and "num_key_value_heads=2" in dry.stderr
+
+
+@pytest.mark.integration
+def test_a_resume_continues_from_its_checkpoint_not_the_hf_weights(dataset, tmp_path, hf_dirs):
+    """init_from is read on a fresh start only: the resumed run needs no HF directory any more."""
+    import shutil
+
+    hf_dir = shutil.copytree(hf_dirs["single"], tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    args = train_cmd(dataset, run_dir, **{"train.init_from": f"hf:{hf_dir}", "train.steps": 2})
+    first = run_cli(*args)
+    assert first.returncode == 0 and "initialized from" in first.stdout, first.stderr[-2000:]
+    shutil.rmtree(hf_dir)
+    again = run_cli(*args, "--set", "train.steps=3")  # the same command, one step further
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout and "is not read on a resume" in again.stdout
+    assert "initialized from" not in again.stdout
