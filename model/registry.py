@@ -31,7 +31,7 @@ class Supports:
     sequence_parallel: bool = False      # parallel.sequence_parallel (with tensor_parallel)
     document_masking: bool = False       # data.mask_documents: attention kept within documents
     sliding_window: bool = False         # model.sliding_window > 0 is accepted
-    hf_export: bool = False              # export --format hf / bench train: transformers' Mistral
+    hf_export: bool = False              # transformers' Mistral: export --format hf, train.init_from, bench train
     incremental_decoding: bool = False   # IncrementalDecoder: generate carries a state per token
     speed_groups: bool = False           # SpeedGroups: optim.param_groups=multispeed
     training_metrics: bool = False       # TrainingMetrics: numbers of its own in metrics.jsonl

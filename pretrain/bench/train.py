@@ -75,10 +75,10 @@ class TransformersReference:
         import torch
         from transformers import MistralForCausalLM
 
+        from model.mistral.hf import hf_config
         from pretrain.core.engine import lr_lambda, param_groups
-        from pretrain.tools.export import hf_config
 
-        config = hf_config(cfg)
+        config = hf_config(cfg.model)
         config._attn_implementation = "sdpa"
         torch.manual_seed(cfg.train.seed)
         dtype = torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32

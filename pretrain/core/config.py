@@ -144,6 +144,10 @@ class TrainConfig:
     compile: bool = False              # torch.compile the model (first steps pay the compile time)
     peak_tflops: float = 0.0           # per-device peak for MFU; 0 = a matmul probe at start
     max_skipped_steps: int = 5         # abort after this many updates in a row skipped as non-finite
+    # "hf:DIR": a fresh run starts from a transformers MistralForCausalLM checkpoint (config.json +
+    # safetensors; checked against the model section when training starts, not when a saved
+    # config is read back); a resume loads its own checkpoint instead (pretrain/core/hf_init.py)
+    init_from: str = ""
 
     def validate(self) -> None:
         require_positive(self, "train", ["steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every",
@@ -151,6 +155,9 @@ class TrainConfig:
         for key in ("checkpoint_every", "keep_last", "eval_every", "threads", "peak_tflops"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")
+        if self.init_from and (not self.init_from.startswith("hf:") or self.init_from == "hf:"):
+            raise ConfigError(f"train.init_from={self.init_from!r} must be hf:DIR (a transformers "
+                              "checkpoint directory) or empty")
 
 
 @dataclass
@@ -188,6 +195,9 @@ class RunConfig:
         if self.model.sliding_window and not supports.sliding_window:
             raise ConfigError(f"model.sliding_window is not supported by {name} (full causal "
                               "attention); set it to 0")
+        if self.train.init_from and not supports.hf_export:
+            raise ConfigError(f"train.init_from: transformers checkpoints load into the mistral "
+                              f"baseline, not model.name={name}")
         if self.optim.param_groups == "multispeed" and not supports.speed_groups:
             raise ConfigError(f"optim.param_groups=multispeed: {name} defines no speed groups; use standard")
         if self.train.compile and (self.parallel.pp > 1 or self.parallel.zero_stage == 3):

@@ -77,11 +77,29 @@ def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, to
     return merged
 
 
+def split_tensor_parallel(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """The inverse of ``merge_tensor_parallel`` for one tensor: TP rank ``rank``'s part of it."""
+    if tp == 1:
+        return full
+    if key.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    if key.endswith(_COLUMN):
+        return full.chunk(tp, dim=0)[rank]
+    if key.endswith(_ROW):
+        return full.chunk(tp, dim=1)[rank]
+    return full  # replicated (norms)
+
+
+def renumber_layer(key: str, offset: int) -> str:
+    """``decoder.layers.{i}.…`` -> ``decoder.layers.{i + offset}.…`` (other keys unchanged):
+    a pipeline stage's local layer numbers to global ones."""
+    return re.sub(r"^decoder\.layers\.(\d+)\.",
+                  lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", key)
+
+
 def _renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
-    def rename(key: str) -> str:
-        return re.sub(r"^decoder\.layers\.(\d+)\.",
-                      lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", key)
-    return {rename(k): v for k, v in state.items()}
+    return {renumber_layer(k, offset): v for k, v in state.items()}
 
 
 def consolidate(ckpt_dir: Path, tag: str, cfg: RunConfig) -> dict[str, torch.Tensor]:

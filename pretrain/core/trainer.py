@@ -19,7 +19,7 @@ from torch.profiler import record_function
 from data_pipeline.loader import StreamingLoader
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import ByteTokenizer
-from pretrain.core import checkpoint
+from pretrain.core import checkpoint, hf_init
 from pretrain.core.config import ConfigError, RunConfig, load_config, save_config
 from pretrain.core.evaluation import scores, validation_loader
 from pretrain.core.metrics import RunLogger
@@ -218,12 +218,15 @@ def train(cfg: RunConfig, resume: str = "auto",
     family = get_family(cfg.model.name)
     tokenizer = dataset_tokenizer(cfg)
     resolve_vocab(cfg, tokenizer["vocab_size"])
-    layout = parallel.setup(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     t, seq = cfg.train, cfg.model.seq_length
+    source = checkpoint.resolve(resume, run_dir)
+    # a fresh start from transformers weights: checked here, before any process group starts
+    pretrained = hf_init.open_checked(cfg) if t.init_from and source is None else None
+    layout = parallel.setup(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
 
     d = cfg.data
     data = StreamingLoader(d.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
@@ -236,6 +239,8 @@ def train(cfg: RunConfig, resume: str = "auto",
 
     torch.manual_seed(t.seed)
     model = build_model(cfg).to(layout.device)
+    if pretrained is not None:  # before the engine: ZeRO partitions and copies the loaded weights
+        loaded = hf_init.load_into(model, cfg, pretrained)
     if layout.device.type == "cpu":
         retain_freed_host_memory()
     if t.compile:
@@ -248,7 +253,6 @@ def train(cfg: RunConfig, resume: str = "auto",
                           lr_scale=(lambda: controller.lr_scale) if controller is not None else None)
 
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
-    source = checkpoint.resolve(resume, run_dir)
     if source is not None:
         client, extra = checkpoint.load(engine, source[0], source[1],
                                         checkpoint.layout_of(cfg, layout.world_size))
@@ -271,9 +275,12 @@ def train(cfg: RunConfig, resume: str = "auto",
         layout.device, torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32)
     logger = RunLogger(cfg, run_dir, layout.is_main, step)
     if source is not None:
-        logger.print(f"resumed from {source[0] / source[1]} at step {step}")
+        logger.print(f"resumed from {source[0] / source[1]} at step {step}"
+                     + (f" (train.init_from={t.init_from} is not read on a resume)" if t.init_from else ""))
         if resharded:
             logger.print(resharded)
+    if pretrained is not None:
+        logger.print(f"initialized from {t.init_from}: {loaded} tensors on rank 0")
     n_params = family.parameter_count(cfg.model)
     logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
                  f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
@@ -455,6 +462,8 @@ def dry_run(cfg: RunConfig, world_size: int | None) -> int:
 
     world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or cfg.parallel.tp * cfg.parallel.pp
     validate_layout(cfg, world)
+    if cfg.train.init_from:  # model.vocab_size 0 is compared once the data resolves it
+        hf_init.open_checked(cfg)
     if cfg.model.vocab_size == 0:
         from data_pipeline.storage import is_url
 
