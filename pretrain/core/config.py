@@ -148,6 +148,9 @@ class TrainConfig:
     # safetensors; checked against the model section when training starts, not when a saved
     # config is read back); a resume loads its own checkpoint instead (pretrain/core/hf_init.py)
     init_from: str = ""
+    # on a resume under another data-parallel size: set grad_accum so that micro batch x grad
+    # accum x data-parallel size stays the checkpoint's (false: such a change is refused)
+    keep_global_batch: bool = False
 
     def validate(self) -> None:
         require_positive(self, "train", ["steps", "micro_batch_size", "grad_accum", "eval_batches", "log_every",

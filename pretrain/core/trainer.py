@@ -22,6 +22,7 @@ from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.core import checkpoint, hf_init
 from pretrain.core.config import ConfigError, RunConfig, load_config, save_config
 from pretrain.core.evaluation import scores, validation_loader
+from pretrain.core.global_batch import keep_global_batch
 from pretrain.core.metrics import RunLogger
 from pretrain.core.qcontrol import QController
 from pretrain.core.steps import eval_losses, train_step
@@ -225,6 +226,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     # a fresh start from transformers weights: checked here, before any process group starts
     pretrained = hf_init.open_checked(cfg) if t.init_from and source is None else None
     layout = parallel.setup(cfg)
+    batch_kept = keep_global_batch(cfg, source[0] / source[1], layout.dp) if source is not None else None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
@@ -277,8 +279,9 @@ def train(cfg: RunConfig, resume: str = "auto",
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}"
                      + (f" (train.init_from={t.init_from} is not read on a resume)" if t.init_from else ""))
-        if resharded:
-            logger.print(resharded)
+        for line in (batch_kept, resharded):
+            if line:
+                logger.print(line)
     if pretrained is not None:
         logger.print(f"initialized from {t.init_from}: {loaded} tensors on rank 0")
     n_params = family.parameter_count(cfg.model)
