@@ -62,12 +62,12 @@ def node_states() -> list[str]:
                           timeout=30).stdout.split()
 
 
-def submit(tmp_path: Path, name: str, overrides: list[str]) -> str:
+def submit(tmp_path: Path, name: str, overrides: list[str], sbatch_args: tuple[str, ...] = ()) -> str:
     env = {**os.environ, "PRETRAIN_PYTHON": sys.executable,
            "PRETRAIN_LOG_ROOT": str(tmp_path / "logs"), "WANDB_MODE": "offline"}
     args = [a for o in overrides for a in ("--set", o)]
     out = subprocess.run(
-        ["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out",
+        ["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/%x-%j.out", *sbatch_args,
          str(SBATCH), "--config", "configs/mistral_tiny.yaml", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -114,27 +114,35 @@ def test_two_node_job_completes_with_both_ranks_training(uninterrupted):
     assert "on pnode1: finished" in nodes and "on pnode2: finished" in nodes
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, dataset, tmp_path):
-    _, _, _, reference = uninterrupted
-    run_dir = tmp_path / "run"
-    job = submit(tmp_path, "preempt", tiny_overrides(dataset, run_dir, **{"train.steps": STEPS}))
+def preempt_until_requeued(job: str, run_dir: Path) -> None:
+    """Once a few steps are logged, what --signal=B:USR1@N does at the time limit (SIGUSR1 to
+    the batch script); returns when the job is pending again after its requeue."""
     deadline = time.monotonic() + 300
     while len(losses_by_step(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}) < 5:
         assert time.monotonic() < deadline, job_info(job)
         assert job_info(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job)
         time.sleep(0.2)
-    # What --signal=B:USR1@N does at the time limit: SIGUSR1 to the batch script.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-
     deadline = time.monotonic() + 120
     while (info := job_info(job))["Restarts"] == "0" or info["JobState"] != "PENDING":
         assert info["JobState"] not in ("COMPLETED", "FAILED"), f"not requeued: {info}"
         assert time.monotonic() < deadline, f"not requeued: {info}"
         time.sleep(0.5)
+
+
+def release(job: str) -> dict[str, str]:
     # Slurm holds a requeued job ~2 minutes (BeginTime); release it sooner, but not at once: a
     # relaunch within the second of the kill finds its new credential revoked and fails the job.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], check=True)
-    info = wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    return wait_for(job, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, dataset, tmp_path):
+    _, _, _, reference = uninterrupted
+    run_dir = tmp_path / "run"
+    job = submit(tmp_path, "preempt", tiny_overrides(dataset, run_dir, **{"train.steps": STEPS}))
+    preempt_until_requeued(job, run_dir)
+    info = release(job)
     batch, nodes = logs(tmp_path, "preempt", job)
     assert info["JobState"] == "COMPLETED", batch + nodes[-3000:]
     assert "SIGUSR1" in batch and "requeueing job" in batch and "restart 1:" in batch
@@ -144,6 +152,28 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, d
     resumed = losses_by_step(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert resumed == reference  # every step, before and after the requeue, as if never stopped
+
+
+def test_job_requeued_on_fewer_nodes_resumes_on_its_new_layout(cluster, dataset, tmp_path):
+    """Started on 2 nodes (DP=2, ZeRO-1), preempted, requeued while one node is drained: the job
+    comes back on 1 node, reshards the checkpoint and the data position, doubles grad
+    accumulation to keep the global batch, and finishes."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(dataset, run_dir, **{"train.steps": STEPS, "parallel.zero_stage": 1})
+    job = submit(tmp_path, "shrink", overrides, sbatch_args=("--nodes=1-2",))
+    preempt_until_requeued(job, run_dir)
+    subprocess.run(["scontrol", "update", "NodeName=pnode2", "State=DRAIN", "Reason=shrink-test"], check=True)
+    try:
+        info = release(job)
+    finally:
+        subprocess.run(["scontrol", "update", "NodeName=pnode2", "State=RESUME"], check=True)
+    batch, nodes = logs(tmp_path, "shrink", job)
+    assert info["JobState"] == "COMPLETED", batch + nodes[-3000:]
+    assert "restart 0: 2 node(s) x 1 process(es)" in batch and "restart 1: 1 node(s) x 1 process(es)" in batch
+    assert "world 2 (tp 1, pp 1, dp 2)" in nodes and "world 1 (tp 1, pp 1, dp 1)" in nodes
+    assert "train.grad_accum 1 -> 2 for 1 data-parallel rank(s) (the checkpoint had 2)" in nodes
+    assert "data loader resharded (world_size 2 -> 1)" in nodes
+    assert sorted(losses_by_step(run_dir)) == list(range(1, STEPS + 1))
 
 
 def test_bad_config_job_fails_with_the_error_in_its_log(cluster, dataset, tmp_path):
