@@ -139,6 +139,7 @@ class TrainConfig:
     keep_last: int = 2                 # checkpoints kept on disk (0 keeps all)
     eval_every: int = 100              # 0: only at start and end
     eval_batches: int = 8
+    eval_at_start: bool = True         # false: no step-0 evaluation (a faster start)
     log_every: int = 10
     threads: int = 0                   # torch intra-op threads; 0 = all cores
     compile: bool = False              # torch.compile the model (first steps pay the compile time)

@@ -1,6 +1,9 @@
 """Model FLOP utilization and memory: what the log records report besides tokens per second."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import time
 from pathlib import Path
@@ -28,6 +31,65 @@ def matmul_probe_tflops(device: torch.device, dtype: torch.dtype, seconds: float
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+        hardware = f"{models[0] if models else platform.processor()} x{os.cpu_count()}"
+    return f"{platform.node()} | {hardware} | {dtype} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def probe_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain" / "matmul_probe.json"
+
+
+def cached_probe_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, bool]:
+    """``matmul_probe_tflops``, measured once per machine, dtype, thread count and torch
+    version and kept in ``probe_cache_path()`` (delete it to measure again): half a second of
+    every run's start-up otherwise. Returns (TFLOP/s, whether it came from the cache)."""
+    path, key = probe_cache_path(), _machine_key(device, dtype)
+    try:
+        return float(json.loads(path.read_text())[key]["tflops"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    tflops = matmul_probe_tflops(device, dtype)
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"tflops": tflops, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, path)  # ranks starting together: one of the whole files wins
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return tflops, False
+
+
+class StartupClock:
+    """Where the time from the command to the first training step goes (printed by the run)."""
+
+    def __init__(self):
+        import psutil
+
+        self.phases = [("imports", time.time() - psutil.Process().create_time())]
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self._last))
+        self._last = now
+
+    def line(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.phases if seconds >= 0.05)
+        return f"start-up: {total:.1f} s to the first step ({parts})"
 
 
 def peak_memory_mb(device: torch.device) -> float:

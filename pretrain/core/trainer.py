@@ -26,7 +26,7 @@ from pretrain.core.global_batch import keep_global_batch
 from pretrain.core.metrics import RunLogger
 from pretrain.core.qcontrol import QController
 from pretrain.core.steps import eval_losses, train_step
-from pretrain.core.throughput import matmul_probe_tflops, peak_memory_mb, retain_freed_host_memory
+from pretrain.core.throughput import StartupClock, cached_probe_tflops, peak_memory_mb, retain_freed_host_memory
 
 EXIT_OK = 0
 EXIT_DIVERGED = 3   # train.max_skipped_steps updates in a row had non-finite gradients
@@ -216,6 +216,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     from pretrain.core.engine import build_engine, reapply_optimizer_settings
     from pretrain.core.model_dir import build_model
 
+    clock = StartupClock()
     family = get_family(cfg.model.name)
     tokenizer = dataset_tokenizer(cfg)
     resolve_vocab(cfg, tokenizer["vocab_size"])
@@ -226,6 +227,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     # a fresh start from transformers weights: checked here, before any process group starts
     pretrained = hf_init.open_checked(cfg) if t.init_from and source is None else None
     layout = parallel.setup(cfg)
+    clock.mark("process groups")
     batch_kept = keep_global_batch(cfg, source[0] / source[1], layout.dp) if source is not None else None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -239,6 +241,7 @@ def train(cfg: RunConfig, resume: str = "auto",
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
+    clock.mark("data")
     torch.manual_seed(t.seed)
     model = build_model(cfg).to(layout.device)
     if pretrained is not None:  # before the engine: ZeRO partitions and copies the loaded weights
@@ -250,10 +253,12 @@ def train(cfg: RunConfig, resume: str = "auto",
             import torch._inductor.config as inductor_config
             inductor_config.cpp_wrapper = True  # kernels launched from C++: less Python per step
         model.compile()  # in place: parameter names, hence checkpoints, stay those of eager
+    clock.mark("model")
     controller = QController(cfg.optim.qcontrol, cfg.optim.beta1) if cfg.optim.qcontrol.enabled else None
     engine = build_engine(cfg, model, layout,
                           lr_scale=(lambda: controller.lr_scale) if controller is not None else None)
 
+    clock.mark("engine")
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
     if source is not None:
         client, extra = checkpoint.load(engine, source[0], source[1],
@@ -271,10 +276,14 @@ def train(cfg: RunConfig, resume: str = "auto",
         if controller is not None and "qcontrol" in extra:
             controller.load_state_dict(extra["qcontrol"])
         reapply_optimizer_settings(cfg, engine, controller)
+        clock.mark("resume")
 
     flops_per_token = family.training_flops_per_token(cfg.model)
-    peak_tflops = t.peak_tflops or matmul_probe_tflops(
-        layout.device, torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32)
+    peak_tflops, probe_cached = t.peak_tflops, False
+    if not peak_tflops:
+        peak_tflops, probe_cached = cached_probe_tflops(
+            layout.device, torch.bfloat16 if cfg.parallel.dtype == "bf16" else torch.float32)
+    clock.mark("matmul probe")
     logger = RunLogger(cfg, run_dir, layout.is_main, step)
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}"
@@ -291,7 +300,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     if family.supports.describes_itself:  # e.g. fractal Mamba's drawn architecture
         logger.print(model.describe())
     logger.print(f"MFU denominator: {peak_tflops:.3f} TFLOP/s per device "
-                 f"({'train.peak_tflops' if t.peak_tflops else 'matmul probe'}); "
+                 f"({'train.peak_tflops' if t.peak_tflops else 'matmul probe, cached' if probe_cached else 'matmul probe'}); "
                  f"{flops_per_token / 1e6:.1f} MFLOP per training token")
 
     def save(at_step: int) -> None:
@@ -349,12 +358,17 @@ def train(cfg: RunConfig, resume: str = "auto",
         if step >= t.steps:
             logger.print(f"run already complete at step {step} (train.steps={t.steps})")
             return EXIT_OK
-        if step == 0:
+        if step == 0 and t.eval_at_start:
             run_eval(0)
+            clock.mark("step-0 eval")
         while step < t.steps:
             t0 = time.perf_counter()
             with record_function("phase/data"):
                 micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            if clock is not None:
+                clock.mark("first batch")
+                logger.print(clock.line())
+                clock = None
             losses = train_step(engine, micro_batches, layout.device, pipelined=layout.pp > 1,
                                 poison=step + 1 in nan_steps)
             with record_function("phase/logging"):
