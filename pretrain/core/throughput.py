@@ -48,28 +48,31 @@ def probe_cache_path() -> Path:
 
 
 def cached_probe_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, bool]:
-    """``matmul_probe_tflops``, measured once per machine, dtype, thread count and torch
-    version and kept in ``probe_cache_path()`` (delete it to measure again): half a second of
-    every run's start-up otherwise. Returns (TFLOP/s, whether it came from the cache)."""
+    """The best ``matmul_probe_tflops`` seen on this machine (per dtype, thread count and torch
+    version), kept in ``probe_cache_path()``: once known, each run probes for 0.1 s instead of
+    0.5 s and keeps the higher figure, so a probe taken while the machine was busy does not stick.
+    Returns (TFLOP/s, whether a cached figure was known)."""
     path, key = probe_cache_path(), _machine_key(device, dtype)
     try:
-        return float(json.loads(path.read_text())[key]["tflops"]), True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    tflops = matmul_probe_tflops(device, dtype)
-    try:
-        entries = json.loads(path.read_text()) if path.is_file() else {}
+        entries = json.loads(path.read_text())
     except (OSError, ValueError):
         entries = {}
-    entries[key] = {"tflops": tflops, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        known = float(entries[key]["tflops"])
+    except (KeyError, TypeError, ValueError):
+        entries, known = entries if isinstance(entries, dict) else {}, None
+    now = matmul_probe_tflops(device, dtype, seconds=0.5 if known is None else 0.1)
+    if known is not None and known >= now:
+        return known, True
+    entries[key] = {"tflops": now, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, path)  # ranks starting together: one of the whole files wins
     except OSError:
-        pass  # a read-only home: measure again next time
-    return tflops, False
+        pass  # a read-only home: measure in full again next time
+    return now, known is not None
 
 
 class StartupClock:

@@ -299,8 +299,9 @@ def train(cfg: RunConfig, resume: str = "auto",
                  f"| {cfg.parallel.dtype} | run dir {run_dir}")
     if family.supports.describes_itself:  # e.g. fractal Mamba's drawn architecture
         logger.print(model.describe())
-    logger.print(f"MFU denominator: {peak_tflops:.3f} TFLOP/s per device "
-                 f"({'train.peak_tflops' if t.peak_tflops else 'matmul probe, cached' if probe_cached else 'matmul probe'}); "
+    origin = ("train.peak_tflops" if t.peak_tflops else
+              "matmul probe, best of the runs on this machine" if probe_cached else "matmul probe")
+    logger.print(f"MFU denominator: {peak_tflops:.3f} TFLOP/s per device ({origin}); "
                  f"{flops_per_token / 1e6:.1f} MFLOP per training token")
 
     def save(at_step: int) -> None:
