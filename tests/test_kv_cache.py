@@ -47,3 +47,24 @@ def test_cached_greedy_decoding_equals_the_full_forward(session, case):
                 ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
     assert start > 0 and ids.shape[1] == 81
 
+
+
+@pytest.mark.integration
+def test_bench_generate_puts_cached_beside_rerun_decoding(tmp_path):
+    import json
+
+    from helpers import ROOT, run_cli
+
+    out = tmp_path / "gen"
+    done = run_cli("-m", "pretrain", "bench", "generate", "--config", str(ROOT / "configs" / "mistral_tiny.yaml"),
+                   "--set", "model.vocab_size=64", "--set", "model.num_layers=1", "--set", "model.seq_length=8",
+                   "--set", "model.sliding_window=4", "--modes", "float", "--new-tokens", "6",
+                   "--prompt-tokens", "3", "--batch", "2", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["mode"], r["decode"], r["batch"]) for r in results["runs"]] == [
+        ("float", "cached", 2), ("float", "rerun", 2)]
+    [gain] = results["gains"]
+    assert (gain["mode"], gain["batch"]) == ("float", 2) and gain["cached_over_rerun"] > 0
+    report = (out / "report.md").read_text()
+    assert "| float | cached | 2 |" in report and "Cached over re-run tokens/s: float batch 2:" in report
