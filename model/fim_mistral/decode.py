@@ -80,9 +80,8 @@ class FimCache:
             self.summary_v[m][:, :, unit] = self.summary_v[m - 1][:, :, unit * br:(unit + 1) * br].mean(-2)
         self.route = None
         if self.routed and c >= 2:  # candidates: blocks 0..c-2; the mean query over the group's heads
-            b, heads, _, d = queries.shape
             groups = self.k.shape[1]
-            mean_q = queries.mean(-2).unflatten(1, (groups, heads // groups)).mean(2)   # [b, g, d]
+            mean_q = queries.mean(-2).unflatten(1, (groups, -1)).mean(2)   # [b, g, d]
             scores = (mean_q[:, :, None] @ self.summary_k[0][:, :, :c - 1].transpose(-1, -2))[:, :, 0]
             self.route = scores.topk(min(self.geom.top_k, c - 1), dim=-1).indices
 
@@ -91,9 +90,9 @@ class FimCache:
         keys, values = [self.k[:, :, c * B:t + 1]], [self.v[:, :, c * B:t + 1]]
         biases = [q.new_zeros(t + 1 - c * B)]
         if self.route is not None:
-            b, g, _, d = self.k.shape
-            bi = torch.arange(b)[:, None, None]
-            gi = torch.arange(g)[None, :, None]
+            b, g = self.k.shape[:2]
+            bi = torch.arange(b, device=self.k.device)[:, None, None]
+            gi = torch.arange(g, device=self.k.device)[None, :, None]
             for cache, out in ((self.k, keys), (self.v, values)):
                 out.append(cache.unflatten(2, (-1, B))[bi, gi, self.route].flatten(2, 3))  # [b, g, kk*B, d]
             biases.append(q.new_zeros(self.route.shape[-1] * B))

@@ -78,7 +78,8 @@ class WindowCache:
 
 
 def initial_state(model, batch: int) -> DecodeState:
-    return DecodeState(torch.zeros(batch, model.cfg.seq_length, dtype=torch.long), 0,
+    device = next(model.parameters()).device
+    return DecodeState(torch.zeros(batch, model.cfg.seq_length, dtype=torch.long, device=device), 0,
                        [model.kv_cache(attention) for attention in model.core_attentions()])
 
 
