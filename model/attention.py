@@ -65,11 +65,15 @@ class SlidingWindowCoreAttention(nn.Module):
         self.config = config
         self.sliding_window = sliding_window
         self.backend = backend
+        self.kv_cache = None  # lent for one step by incremental decoding (model/mistral/decode.py)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        # Megatron's convention: attention_mask True = masked out (here: across documents).
-        out = causal_attention(q, k, v, self.sliding_window, self.backend, blocked=attention_mask)
+        if self.kv_cache is not None:
+            out = self.kv_cache.attend(q, k, v)
+        else:
+            # Megatron's convention: attention_mask True = masked out (here: across documents).
+            out = causal_attention(q, k, v, self.sliding_window, self.backend, blocked=attention_mask)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -103,13 +103,14 @@ def get_family(name: str) -> ModelFamily:
 register(ModelFamily(
     "mistral", "model.mistral.model", "Mistral baseline (megatron-core GPTModel, sliding-window GQA)",
     supports=Supports(tensor_parallel=True, pipeline_parallel=True, sequence_parallel=True,
-                      document_masking=True, sliding_window=True, hf_export=True)))
+                      document_masking=True, sliding_window=True, hf_export=True,
+                      incremental_decoding=True)))
 register(ModelFamily(
     "fim_mistral", "model.fim_mistral.model",
     "FIM-Mistral (local + hierarchical summaries + routed blocks attention)", "fim", FimConfig,
     # sliding_window: accepted and unused (FIM attention replaces the window), so one setting
     # can serve every arm of a comparison
-    Supports(tensor_parallel=True, pipeline_parallel=True, sliding_window=True)))
+    Supports(tensor_parallel=True, pipeline_parallel=True, sliding_window=True, incremental_decoding=True)))
 register(ModelFamily(
     "fractal_mamba", "model.fractal_mamba.model",
     "fractal Mamba (byte-level; seeded fractal modules + Mamba blocks)", "fractal_mamba",

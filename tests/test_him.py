@@ -215,11 +215,11 @@ def test_bench_generate_reports_float_and_int8_speed_and_memory_per_batch(tmp_pa
     out = tmp_path / "gen"
     done = run_cli("-m", "pretrain", "bench", "generate", "--config", str(ROOT / "configs" / "him_tiny.yaml"),
                    "--set", "model.vocab_size=64", "--set", "model.num_layers=2", "--new-tokens", "3",
-                   "--prompt-tokens", "2", "--batch", "1", "2", "--out", str(out))
+                   "--prompt-tokens", "2", "--batch", "1", "2", "--decode", "cached", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [(r["mode"], r["batch"]) for r in runs] == [("float", 1), ("int8", 1), ("float", 2), ("int8", 2)]
     for r in runs:
         assert r["tokens_per_s"] > 0 and r["peak_rss_mb"] >= r["runtime_rss_mb"] > 0
     assert runs[0]["float_params"] > runs[1]["float_params"]     # int8: the linear weights left float
-    assert "| int8 | 2 |" in (out / "report.md").read_text()
+    assert "| int8 | cached | 2 |" in (out / "report.md").read_text()

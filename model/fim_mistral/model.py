@@ -14,6 +14,7 @@ from kernels.fim_attention import fim_attention  # Triton on CUDA, the blocked t
 from kernels.fim_geometry import FimGeometry
 from model.config import ModelConfig, ParallelConfig
 from model.fim_mistral.config import FimConfig
+from model.fim_mistral.decode import FimCache
 from model.mistral import model as mistral
 
 
@@ -38,6 +39,7 @@ class FimCoreAttention(nn.Module):
         self.layer_index = layer_number - 1      # megatron numbers layers from 1, globally
         self.geometry, self.branches = layer_geometry(fim, self.layer_index, seq_length)
         self.capture: list | None = None
+        self.kv_cache = None  # lent for one step by incremental decoding (model/fim_mistral/decode.py)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
         if attention_mask is not None:
@@ -45,7 +47,10 @@ class FimCoreAttention(nn.Module):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # -> [b, n, s, d]
         if self.capture is not None:
             self.capture.append((q.detach(), k.detach()))
-        out = fim_attention(q, k, v, self.geometry, self.branches)
+        if self.kv_cache is not None:
+            out = self.kv_cache.attend(q, k, v)
+        else:
+            out = fim_attention(q, k, v, self.geometry, self.branches)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
@@ -96,8 +101,8 @@ class FimMistralLM(mistral.MistralLM):
         tokens = self.gpt.embedding(input_ids=input_ids, position_ids=positions)  # [s, b, h]
         return tokens + self.fractal_position(positions[0])[:, None, :].to(tokens.dtype)
 
-    def core_attentions(self) -> list[FimCoreAttention]:
-        return [layer.self_attention.core_attention for layer in self.gpt.decoder.layers]
+    def kv_cache(self, attention: FimCoreAttention) -> FimCache:
+        return FimCache(attention.geometry, attention.branches, self.cfg.seq_length)
 
 
 def build(cfg: ModelConfig, par: ParallelConfig) -> FimMistralLM:

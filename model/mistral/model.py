@@ -14,6 +14,7 @@ from torch import nn
 
 from model.attention import SlidingWindowCoreAttention
 from model.config import ModelConfig, ParallelConfig
+from model.mistral import decode
 
 
 def transformer_config(cfg: ModelConfig, par: ParallelConfig):
@@ -228,6 +229,21 @@ class MistralLM(nn.Module):
         """Decoder input ``[s, b, h]`` for variants that add to the token embedding; None lets
         megatron embed (and is required on pipeline stages after the first)."""
         return None
+
+    def core_attentions(self) -> list[nn.Module]:
+        return [layer.self_attention.core_attention for layer in self.gpt.decoder.layers]
+
+    def kv_cache(self, attention: SlidingWindowCoreAttention):
+        """An empty KV cache for one layer's core attention (a variant with its own attention
+        gives its own cache)."""
+        return decode.WindowCache(attention.sliding_window, self.cfg.seq_length, attention.backend)
+
+    def initial_state(self, batch: int) -> decode.DecodeState:
+        """Incremental decoding (IncrementalDecoder, model/mistral/decode.py): KV caches."""
+        return decode.initial_state(self, batch)
+
+    def step(self, token: torch.Tensor, state: decode.DecodeState) -> tuple[torch.Tensor, decode.DecodeState]:
+        return decode.step(self, token, state)
 
 
 def parameter_count(cfg: ModelConfig) -> int:

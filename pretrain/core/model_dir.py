@@ -128,17 +128,24 @@ def locate(ckpt: str) -> tuple[Path, str]:
     return found
 
 
+def load_run_config(path: str) -> RunConfig:
+    """The run config of a training checkpoint or a model directory, without its weights."""
+    if (Path(path) / MODEL_FILE).is_file():
+        return load_config(Path(path) / "config.yaml")
+    ckpt_dir, tag = locate(path)
+    return load_config(ckpt_dir / tag / "config.yaml")
+
+
 def load_state(path: str) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     """(run config, whole-model state dict) from a training checkpoint of any layout, or from a
     model directory (model.safetensors + config.yaml)."""
+    cfg = load_run_config(path)
     exported = Path(path) / MODEL_FILE
     if exported.is_file():
         from safetensors.torch import load_file
 
-        return load_config(Path(path) / "config.yaml"), load_file(str(exported))
-    ckpt_dir, tag = locate(path)
-    cfg = load_config(ckpt_dir / tag / "config.yaml")
-    return cfg, consolidate(ckpt_dir, tag, cfg)
+        return cfg, load_file(str(exported))
+    return cfg, consolidate(*locate(path), cfg)
 
 
 def save_model_dir(out: str | Path, state: dict[str, torch.Tensor], cfg: RunConfig | str,

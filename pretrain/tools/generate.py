@@ -1,10 +1,11 @@
 """Sample text from a checkpoint: temperature, top-k and nucleus (top-p) sampling, streamed.
 
 Any checkpoint layout loads: ZeRO and tensor-parallel shards are merged (as `export` does) into
-one process. Families that declare incremental decoding (fractal Mamba's recurrence, HIM's KV
-caches and chunk states) carry their state from token to token; the others re-run the last
-``model.seq_length`` tokens per new token (no KV cache yet): fine for the small models this runs
-on a CPU, quadratic in the context for big ones.
+one process. Families that declare incremental decoding (Mistral's and FIM-Mistral's KV caches,
+fractal Mamba's recurrence, HIM's KV caches and chunk states) carry their state from token to
+token; the others re-run the last ``model.seq_length`` tokens per new token: fine for the small
+models this runs on a CPU, quadratic in the context for big ones. Past ``model.seq_length`` the
+KV caches restart on the last half window (model/mistral/decode.py).
 """
 from __future__ import annotations
 
