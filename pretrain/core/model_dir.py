@@ -77,11 +77,28 @@ def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, to
     return merged
 
 
+def split_tensor_parallel(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """TP rank ``rank``'s shard of a whole-model tensor: the inverse of merge_tensor_parallel."""
+    if tp == 1:
+        return full
+    if key.endswith("linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    if key.endswith(_COLUMN):
+        return full.chunk(tp, dim=0)[rank]
+    if key.endswith(_ROW):
+        return full.chunk(tp, dim=1)[rank]
+    return full
+
+
+def whole_model_name(key: str, layer_offset: int) -> str:
+    """A stage's parameter name (our wrapper's 'gpt.' prefix allowed) -> its whole-model name."""
+    return re.sub(r"^decoder\.layers\.(\d+)\.",
+                  lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", key.removeprefix("gpt."))
+
+
 def _renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
-    def rename(key: str) -> str:
-        return re.sub(r"^decoder\.layers\.(\d+)\.",
-                      lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", key)
-    return {rename(k): v for k, v in state.items()}
+    return {whole_model_name(k, offset): v for k, v in state.items()}
 
 
 def consolidate(ckpt_dir: Path, tag: str, cfg: RunConfig) -> dict[str, torch.Tensor]:
