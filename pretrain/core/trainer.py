@@ -201,7 +201,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     every evaluation after step 0, with the checkpoint written at that step if any (`tune`
     reports through it)."""
     from model import get_family
-    from pretrain.core import parallel
+    from pretrain.core import parallel, reshard
     from pretrain.core.engine import build_engine, reapply_optimizer_settings
     from pretrain.core.model_dir import build_model
 
@@ -240,8 +240,8 @@ def train(cfg: RunConfig, resume: str = "auto",
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
     source = checkpoint.resolve(resume, run_dir)
     if source is not None:
-        client, extra = checkpoint.load(engine, source[0], source[1],
-                                        checkpoint.layout_of(cfg, layout.world_size))
+        resumed = reshard.load(engine, source[0], source[1], cfg, layout)
+        client, extra = resumed.client, resumed.extra
         step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
                                          client["elapsed_s"])
         skipped = client.get("nonfinite_skipped_steps", 0)
@@ -250,7 +250,9 @@ def train(cfg: RunConfig, resume: str = "auto",
             raise checkpoint.CheckpointError(
                 f"{source[0] / source[1]} was trained on tokenizer {client.get('tokenizer')!r}, but "
                 f"{d.path} holds {tokenizer.get('fingerprint')!r}: resume on the same dataset")
-        data.load_state_dict(extra["data"])
+        if resumed.data_states is None:
+            data.load_state_dict(extra["data"])
+        # else: the data-parallel size changed; the loader starts a fresh pass over the data
         checkpoint.set_rng_state(extra["rng"])
         if controller is not None and "qcontrol" in extra:
             controller.load_state_dict(extra["qcontrol"])
@@ -262,6 +264,11 @@ def train(cfg: RunConfig, resume: str = "auto",
     logger = RunLogger(cfg, run_dir, layout.is_main, step)
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}")
+        if resumed.resharded:
+            logger.print(resumed.resharded)
+        if resumed.data_states is not None:
+            logger.print(f"the data-parallel size changed ({len(resumed.data_states)} -> {layout.dp}): "
+                         "the data loader starts a fresh pass over the data")
     n_params = family.parameter_count(cfg.model)
     logger.print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters | world {layout.world_size} "
                  f"(tp {layout.tp}, pp {layout.pp}, dp {layout.dp}) | ZeRO {cfg.parallel.zero_stage} "
