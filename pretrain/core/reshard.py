@@ -149,13 +149,15 @@ def _merge(shards: list[FullState], layer_offset: int) -> FullState:
     for name, entry in shards[0].items():
         merged[whole_model_name(name, layer_offset)] = {
             key: (merge_tensor_parallel([{name: s[name][key]} for s in shards])[name]
-                  if _per_element(value, entry["param"]) else value)
+                  if _per_element(value) else value)
             for key, value in entry.items()}
     return merged
 
 
-def _per_element(value, like: torch.Tensor) -> bool:
-    return torch.is_tensor(value) and value.numel() == like.numel() and value.dim() > 0
+def _per_element(value) -> bool:
+    """A per-element optimizer state (or master weight), as opposed to a scalar such as the step.
+    (DeepSpeed's own test; a saved state may be longer than its partition by the padding.)"""
+    return torch.is_tensor(value) and value.dim() > 0
 
 
 def _load(path: Path) -> dict:
@@ -220,11 +222,11 @@ def _read_zero12(partitions: list[dict], shapes: list[dict]) -> FullState:
                 fragment = part["param_slice_mappings"][g].get(name)
                 flat = part["single_partition_of_fp32_groups"][g]
                 state = part["base_optimizer_state"]["state"].get(g, {})
-                scalars = {k: v for k, v in state.items() if not _per_element(v, flat)}
+                scalars = {k: v for k, v in state.items() if not _per_element(v)}
                 if fragment is None:
                     continue
                 for key, tensor in {"param": flat, **state}.items():
-                    if _per_element(tensor, flat):
+                    if _per_element(tensor):
                         pieces.setdefault(key, []).append(tensor.narrow(0, fragment.start, fragment.numel))
             full[name] = {**{k: torch.cat(v).view(shape).float() for k, v in pieces.items()}, **scalars}
     return full
@@ -237,12 +239,12 @@ def _read_zero3(partitions: list[dict], shapes: list[dict]) -> FullState:
     for part in partitions:
         state = part["optimizer_state_dict"]["state"]
         groups = part["fp32_flat_groups"]
-        keys = [k for k, v in state[0].items() if _per_element(v, groups[0])]
-        flats.append({"param": torch.cat(groups), **{k: torch.cat([state[i][k] for i in range(len(groups))])
-                                                     for k in keys}})
+        keys = [k for k, v in state[0].items() if _per_element(v)]
+        flats.append({"param": torch.cat(groups),
+                      **{k: torch.cat([state[i][k][:g.numel()] for i, g in enumerate(groups)]) for k in keys}})
         if not scalars:  # the step of each sub-group, and where it begins in the flat partition
             starts = [sum(g.numel() for g in groups[:i]) for i in range(len(groups))]
-            scalars = [(start, {k: v for k, v in state[i].items() if not _per_element(v, groups[i])})
+            scalars = [(start, {k: v for k, v in state[i].items() if not _per_element(v)})
                        for i, start in enumerate(starts)]
     full: FullState = {}
     offset = 0
@@ -272,7 +274,7 @@ def write_full_state(engine, full: FullState, cfg: RunConfig, layout: Layout) ->
         shape = tuple(getattr(param, "ds_shape", param.shape))
         entry = {}
         for key, value in full[name].items():
-            if _per_element(value, full[name]["param"]):
+            if _per_element(value):
                 value = split_tensor_parallel(name, value, layout.tp, layout.tp_rank)
                 if tuple(value.shape) != shape:
                     raise CheckpointError(f"{name}: the checkpoint's {key} has shape {tuple(value.shape)} "
@@ -299,7 +301,7 @@ def _new_state(entries: list[dict], flat: torch.Tensor) -> dict:
         for key, value in entry.items():
             if key == "param":
                 continue
-            if _per_element(value, entry["param"]):
+            if _per_element(value):
                 state.setdefault(key, torch.zeros_like(flat))
             elif key not in state:
                 state[key] = value.clone().to(flat.device) if torch.is_tensor(value) else value
@@ -329,7 +331,7 @@ def _write_zero12(optimizer, mine) -> None:
     for lps, flat in zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups):
         entries = [mine(lp) for lp in lps]
         state = _new_state(entries, flat)
-        targets = {"param": flat, **{k: v for k, v in state.items() if _per_element(v, flat)}}
+        targets = {"param": flat, **{k: v for k, v in state.items() if _per_element(v)}}
         for lp, entry in zip(lps, entries):
             lp.copy_(entry["param"])
             mapping = lp._hp_mapping
@@ -352,7 +354,7 @@ def _write_zero3(optimizer, mine) -> None:
     for i, (params, flat) in enumerate(zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat)):
         entries = [mine(p) for p in params]
         state = _new_state(entries, flat)
-        targets = {"param": flat, **{k: v for k, v in state.items() if _per_element(v, flat)}}
+        targets = {"param": flat, **{k: v for k, v in state.items() if _per_element(v)}}
         for p, entry in zip(params, entries):
             _, start, numel = optimizer.grad_position[optimizer.get_param_id(p)]
             rank, world = dist.get_rank(p.ds_process_group), dist.get_world_size(p.ds_process_group)
