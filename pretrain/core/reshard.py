@@ -203,7 +203,7 @@ def _read_zero0(model_states: dict, speed_of: dict) -> FullState:
         raise CheckpointError("the saved optimizer's parameter groups do not match the saved module's "
                               "parameters; cannot name its state")
     full: FullState = {}
-    for g, ((_, _), names) in enumerate(groups):
+    for g, (_, names) in enumerate(groups):
         for j, (name, index) in enumerate(zip(names, saved_groups[g]["params"])):
             weight = masters[g][j] if masters is not None else module[name]
             full[name] = {"param": weight.float(), **torch_state["state"].get(index, {})}
@@ -215,17 +215,16 @@ def _read_zero12(partitions: list[dict], shapes: list[dict]) -> FullState:
     master and state; ``param_slice_mappings`` says where each parameter's piece lies."""
     full: FullState = {}
     for g, group in enumerate(shapes):
+        flats = [{"param": part["single_partition_of_fp32_groups"][g],
+                  **part["base_optimizer_state"]["state"].get(g, {})} for part in partitions]
+        scalars = {k: v for k, v in flats[0].items() if not _per_element(v)}  # the group's step
         for name, shape in group.items():
             pieces: dict[str, list[torch.Tensor]] = {}
-            scalars = {}
-            for part in partitions:
+            for part, flat in zip(partitions, flats):
                 fragment = part["param_slice_mappings"][g].get(name)
-                flat = part["single_partition_of_fp32_groups"][g]
-                state = part["base_optimizer_state"]["state"].get(g, {})
-                scalars = {k: v for k, v in state.items() if not _per_element(v)}
-                if fragment is None:
+                if fragment is None:  # no piece of it on this rank
                     continue
-                for key, tensor in {"param": flat, **state}.items():
+                for key, tensor in flat.items():
                     if _per_element(tensor):
                         pieces.setdefault(key, []).append(tensor.narrow(0, fragment.start, fragment.numel))
             full[name] = {**{k: torch.cat(v).view(shape).float() for k, v in pieces.items()}, **scalars}
