@@ -51,8 +51,9 @@ def run_cli(*args: str, timeout: float = 600, env_extra: dict | None = None,
                           text=True, timeout=timeout, **popen)
 
 
-def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args)
+def torchrun(nproc: int, args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args,
+                   env_extra=env_extra)
 
 
 def build_model(cfg, seed: int = 0):

@@ -10,7 +10,7 @@ Layout under ``<run_dir>/checkpoints``::
 
 ``latest`` is replaced with os.replace only after COMPLETE exists, so a process killed while
 writing leaves it on the previous complete checkpoint. Incomplete directories are removed at
-the next save.
+the next save. COMPLETE records the layout; ``reshard.load`` loads a checkpoint of another one.
 """
 from __future__ import annotations
 
@@ -141,19 +141,21 @@ def layout_of(cfg: RunConfig, world_size: int) -> str:
     return f"world_size={world_size} tp={p.tp} pp={p.pp} zero_stage={p.zero_stage}"
 
 
+def read_extra(ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """The extra file (data-loader and RNG states) saved by ``rank``."""
+    return torch.load(ckpt_dir / tag / f"extra_rank{rank:05d}.pt", weights_only=False)
+
+
 def load(engine, ckpt_dir: Path, tag: str, layout: str) -> tuple[dict, dict]:
-    """Load engine state (model, optimizer, LR schedule); return (client_state, this rank's extra).
-    ``layout`` is ``layout_of`` for this run: resharding is not supported, a mismatch is an error."""
+    """Load engine state (model, optimizer, LR schedule) saved under this run's layout; return
+    (client_state, this rank's extra). ``layout`` is ``layout_of`` for this run; a checkpoint of
+    another layout goes through ``reshard.load``, which calls this one when the layouts agree."""
     saved = (ckpt_dir / tag / COMPLETE).read_text().strip()
     if saved != layout:
-        raise CheckpointError(
-            f"{ckpt_dir / tag} was written with layout [{saved}], this run has [{layout}]; "
-            "resharding on resume is not supported: resume with the checkpoint's layout "
-            "(`python -m pretrain export` consolidates its weights for any other use)")
+        raise CheckpointError(f"{ckpt_dir / tag} was written with layout [{saved}], this run has "
+                              f"[{layout}]: load it with pretrain.core.reshard.load")
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    extra_path = ckpt_dir / tag / f"extra_rank{dist.get_rank():05d}.pt"
-    extra = torch.load(extra_path, weights_only=False)
-    return client_state, extra
+    return client_state, read_extra(ckpt_dir, tag, dist.get_rank())

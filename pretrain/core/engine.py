@@ -108,18 +108,27 @@ def _lion():
 SPEED_FACTORS = {"slow": 0.3, "fast": 1.5, "cognitive": 0.5, "standard": 1.0}
 
 
+def grouped_names(named_dims: list[tuple[str, int]], speed_of: dict[str, str]) -> list[tuple[tuple[str, bool], list[str]]]:
+    """The optimizer's parameter groups as ((speed, decays), names), in order, from the trainable
+    parameters' (name, ndim) in ``named_parameters`` order; a checkpoint reader uses it to name
+    the parameters of a plain optimizer's state, which holds indices only."""
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name, ndim in named_dims:
+        groups.setdefault((speed_of.get(name, "standard"), ndim >= 2), []).append(name)
+    order = sorted(groups, key=lambda key: (list(SPEED_FACTORS).index(key[0]), not key[1]))
+    return [(key, groups[key]) for key in order]
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, speeds: bool = False) -> list[dict]:
     """Decay matrices; leave norms, biases and other vectors alone (standard practice). With
     ``speeds`` one pair of groups per speed of ``model.speed_groups()``; every group carries
     its ``lr_factor`` (of optim.lr) and whether it ``decays``."""
-    speed_of = model.speed_groups() if speeds else {}
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((speed_of.get(name, "standard"), p.dim() >= 2), []).append(p)
-    order = sorted(groups, key=lambda key: (list(SPEED_FACTORS).index(key[0]), not key[1]))
-    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0, "decays": key[1],
-             "lr_factor": SPEED_FACTORS[key[0]], "speed": key[0]} for key in order]
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    groups = grouped_names([(name, p.dim()) for name, p in params.items()],
+                           model.speed_groups() if speeds else {})
+    return [{"params": [params[n] for n in names], "weight_decay": weight_decay if decays else 0.0,
+             "decays": decays, "lr_factor": SPEED_FACTORS[speed], "speed": speed}
+            for (speed, decays), names in groups]
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

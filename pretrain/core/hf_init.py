@@ -20,7 +20,7 @@ from torch import nn
 
 from model.mistral.hf import check_config, from_hf, hf_names
 from pretrain.core.config import ConfigError, RunConfig
-from pretrain.core.model_dir import renumber_layer, split_tensor_parallel
+from pretrain.core.model_dir import split_tensor_parallel, whole_model_name
 
 PREFIX = "hf:"
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -93,7 +93,7 @@ def load_into(model: nn.Module, cfg: RunConfig, checkpoint: HFCheckpoint) -> int
     offset = parallel_state.get_pipeline_model_parallel_rank() * (m.num_layers // cfg.parallel.pp)
     count = 0
     for name, param in model.named_parameters():
-        key = renumber_layer(name.removeprefix("gpt."), offset)  # global layer number
+        key = whole_model_name(name, offset)  # global layer number
         part = split_tensor_parallel(key, from_hf(key, checkpoint.read, m), tp, tp_rank)
         if part.shape != param.shape:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: {key} of TP rank {tp_rank} "

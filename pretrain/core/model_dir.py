@@ -78,7 +78,7 @@ def merge_tensor_parallel(shards: list[dict[str, torch.Tensor]]) -> dict[str, to
 
 
 def split_tensor_parallel(key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """The inverse of ``merge_tensor_parallel`` for one tensor: TP rank ``rank``'s part of it."""
+    """TP rank ``rank``'s shard of a whole-model tensor: the inverse of merge_tensor_parallel."""
     if tp == 1:
         return full
     if key.endswith("linear_fc1.weight"):
@@ -91,15 +91,14 @@ def split_tensor_parallel(key: str, full: torch.Tensor, tp: int, rank: int) -> t
     return full  # replicated (norms)
 
 
-def renumber_layer(key: str, offset: int) -> str:
-    """``decoder.layers.{i}.…`` -> ``decoder.layers.{i + offset}.…`` (other keys unchanged):
-    a pipeline stage's local layer numbers to global ones."""
+def whole_model_name(key: str, layer_offset: int) -> str:
+    """A stage's parameter name (our wrapper's 'gpt.' prefix allowed) -> its whole-model name."""
     return re.sub(r"^decoder\.layers\.(\d+)\.",
-                  lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", key)
+                  lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", key.removeprefix("gpt."))
 
 
 def _renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
-    return {renumber_layer(k, offset): v for k, v in state.items()}
+    return {whole_model_name(k, offset): v for k, v in state.items()}
 
 
 def consolidate(ckpt_dir: Path, tag: str, cfg: RunConfig) -> dict[str, torch.Tensor]:

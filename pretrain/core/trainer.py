@@ -212,7 +212,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     every evaluation after step 0, with the checkpoint written at that step if any (`tune`
     reports through it)."""
     from model import get_family
-    from pretrain.core import parallel
+    from pretrain.core import parallel, reshard
     from pretrain.core.engine import build_engine, reapply_optimizer_settings
     from pretrain.core.model_dir import build_model
 
@@ -261,8 +261,8 @@ def train(cfg: RunConfig, resume: str = "auto",
     clock.mark("engine")
     step, tokens, nbytes, elapsed, skipped, skipped_in_a_row = 0, 0, 0, 0.0, 0, 0
     if source is not None:
-        client, extra = checkpoint.load(engine, source[0], source[1],
-                                        checkpoint.layout_of(cfg, layout.world_size))
+        resumed = reshard.load(engine, source[0], source[1], cfg, layout)
+        client, extra = resumed.client, resumed.extra
         step, tokens, nbytes, elapsed = (client["step"], client["tokens"], client["bytes"],
                                          client["elapsed_s"])
         skipped = client.get("nonfinite_skipped_steps", 0)
@@ -288,7 +288,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     if source is not None:
         logger.print(f"resumed from {source[0] / source[1]} at step {step}"
                      + (f" (train.init_from={t.init_from} is not read on a resume)" if t.init_from else ""))
-        for line in (batch_kept, resharded):
+        for line in (resumed.resharded, batch_kept, resharded):
             if line:
                 logger.print(line)
     if pretrained is not None:
