@@ -95,12 +95,12 @@ def test_model_parallel_checkpoint_continues_at_one_rank_as_unchanged(dataset, t
 @pytest.mark.integration
 def test_zero1_dp2_checkpoint_trains_on_at_dp1_with_grad_accumulation(dataset, tmp_path, zero1_dp2):
     """DP=2 x 1 micro-batch -> DP=1 x grad accumulation 2: the same global batch, so the same
-    tokens per step. The data loader's position is per data-parallel rank and starts afresh here
-    (the batches differ), so the losses are only near the unchanged run's; exactness of the state
-    is checked without the loader below."""
+    tokens per step. The data loader re-splits its position (other batches than DP=2 would have
+    made), so the losses are only near the unchanged run's; exactness of the state is checked
+    without the loader below."""
     out = resume(dataset, zero1_dp2, tmp_path / "resumed", **UNEVEN, **{"train.grad_accum": 2})
     assert "from [tp=1 pp=1 dp=2 zero=1 fp32] to [tp=1 pp=1 dp=1 zero=1 fp32]" in out
-    assert "the data-parallel size changed (2 -> 1)" in out
+    assert "data loader resharded (world_size 2 -> 1)" in out
     unchanged, resumed = records(zero1_dp2), records(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [4, 5, 6]
     assert [r["tokens"] for r in resumed] == [r["tokens"] for r in unchanged[3:]]
