@@ -2,24 +2,28 @@
 
 Query i sees keys i - window < j <= i (Mistral's window). Past ``MAX_SEQ`` positions the
 block-causal op of ``block_causal_attention.py`` would keep O(N x window) probabilities per layer
-for its backward, and SDPA needs an N x N boolean mask (on CPU it then runs unfused, with N x N
-scores). Here, per device:
+for its backward, and SDPA needs an N x N mask, with which its kernels compute all N x N scores
+(2x dense causal's work). Here, per device:
 
-- CPU (and CUDA as the last fallback): ``window_attention_blocked``. Query blocks of ``BLOCK``
-  positions multiply only the keys their queries can see, ``[start - window + 1, start + block)``
-  (at most window + block - 1), the query heads sharing a KV head folded into the rows of one
-  matmul (no repeated K/V), the two ragged edges masked in place. The backward recomputes each
-  block's probabilities instead of keeping them (flash attention's trade): what is saved for it is
-  q, k and v, and what is live at any time is one block's scores, ``[b * g, r * block, window +
-  block - 1]``, and the O(N d) blocked copies and gradients. Time grows linearly in N past the
-  window. Document masking (``blocked``) is not supported here: ``causal_attention`` keeps SDPA
-  with its mask for it (the model builds that mask N x N from segment ids already).
+- CPU (and CUDA as the last fallback): ``window_attention_blocked``. Query blocks of ``block``
+  positions attend only to the keys their queries can see, ``[start - window + 1, start + block)``
+  (at most window + block - 1), the query heads sharing a KV head folded into the block's rows
+  (no repeated K/V). On CPU each block is one call of PyTorch's fused flash kernel (the one SDPA
+  runs; private ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, called
+  directly so that the blocks' key gradients add into one buffer and the log-sum-exp is kept) with
+  a band mask ``[r * block, window + block - 1]`` shared by all blocks (the first blocks take its
+  last columns); elsewhere each block is plain matmuls and a softmax. Saved for the backward: q, k,
+  v, the output and the log-sum-exp (O(N d)); the probabilities are recomputed block by block.
+  Largest buffer: the band mask, or one block's scores on the matmul path; time grows linearly in
+  N past the window. Measured against dense causal SDPA: README, "Attention scaling".
 - CUDA: flash-attn's ``window_size=(window - 1, 0)`` when it is installed and the dtype is 16-bit,
   else FlexAttention (compiled) with a sliding-window block mask, which skips the blocks outside
   the band; the blocked path if FlexAttention is missing.
 
-The reference all paths are tested against is ``model.attention.causal_attention(...,
-backend="reference")`` (tests/test_window_attention.py; the CUDA paths only where CUDA is).
+Document masking (``blocked``) is not supported here: ``causal_attention`` keeps SDPA with its mask
+for it (the model builds that mask N x N from segment ids already). The reference every path is
+tested against is ``model.attention.causal_attention(..., backend="reference")``
+(tests/test_window_attention.py; the CUDA paths only where CUDA is).
 """
 from __future__ import annotations
 
@@ -29,9 +33,14 @@ from functools import lru_cache
 import torch
 
 from . import dispatch
-from .block_causal_attention import _from_blocks, _keys, _mask, _spans, _to_blocks
+from .block_causal_attention import _from_blocks, _keys, _spans, _to_blocks
 
-BLOCK = 32  # query positions per block: one block's scores stay in L2/L3 at head dims 32-64 (CPU)
+# Query positions per block (times the r query heads per KV head: the flash kernel's rows). 256
+# measured fastest at window 4096, head dim 64, 8/2 heads on the 2-core CPU (128 and 512 ~10%
+# slower); shorter windows take blocks as short as the window, down to 32, to waste less.
+BLOCK = 256
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def use_window_attention() -> bool:
@@ -39,124 +48,142 @@ def use_window_attention() -> bool:
     return dispatch.mode() != "reference"
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Scores and sums in fp32 for 16-bit inputs (fp64 stays fp64)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def default_block(window: int) -> int:
+    return max(32, min(BLOCK, window))
 
 
-class _Scratch:
-    """One block's score-sized buffers, reused for every block (sized for the widest span), so
-    that a call allocates them once instead of once per block."""
-
-    def __init__(self, like: torch.Tensor, count: int, bg: int, rows: int, keys: int):
-        self.flat = [like.new_empty(bg * rows * keys) for _ in range(count)]
-        self.bg, self.rows = bg, rows
-
-    def get(self, i: int, keys: int) -> torch.Tensor:
-        return self.flat[i][:self.bg * self.rows * keys].view(self.bg, self.rows, keys)
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _blocks(q, k, v, block: int, window: int):
-    """Query blocks ``[nb, b*g, r*block, d]`` (scaled), keys and values ``[b*g, s_padded, d]``,
-    in the compute dtype, and each block's (first query, end, first key)."""
-    dtype = _compute_dtype(q)
-    d = q.shape[-1]
-    qb = _to_blocks(q, k.shape[1], block, d ** -0.5, dtype)
-    return qb, _keys(k, block, dtype), _keys(v, block, dtype), _spans(q.shape[2], block, window)
+@lru_cache(maxsize=8)
+def band_mask(rows: int, block: int, window: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Additive mask ``[rows, window + block - 1]`` of a query block against keys ``[start -
+    window + 1, start + block)``: row a (query start + a % block) sees column j iff
+    a % block <= j <= a % block + window - 1. A block with fewer keys uses the last columns."""
+    a = torch.arange(rows, device=device)[:, None] % block
+    j = torch.arange(window + block - 1, device=device)[None, :]
+    mask = torch.zeros(rows, window + block - 1, dtype=dtype, device=device)
+    return mask.masked_fill_((j < a) | (j > a + window - 1), float("-inf"))
 
 
-def _probabilities(scratch: _Scratch, qb_i, kf, start: int, end: int, lo: int, block: int,
-                   window: int) -> torch.Tensor:
-    """One query block's softmax over the keys ``[lo, end)`` it can see (scratch 0 and 1)."""
-    scores = torch.bmm(qb_i, kf[:, lo:end].transpose(1, 2), out=scratch.get(0, end - lo))
-    _mask(scores, scratch.rows, block, start, lo, window)
-    return torch.softmax(scores, dim=-1, out=scratch.get(1, end - lo))
+def _attend(q, k, v, mask, scale, fused: bool):
+    """One block: q ``[bg, R, d]``, k/v ``[bg, L, d]``, mask ``[R, L]`` -> out, log-sum-exp."""
+    if fused:
+        out, lse = _FLASH(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=scale)
+        return out[:, 0], lse[:, 0]
+    ct = _lse_dtype(q.dtype)
+    scores = torch.baddbmm(mask.to(ct), q.to(ct), k.to(ct).transpose(1, 2), alpha=scale)
+    lse = scores.logsumexp(-1)
+    return torch.bmm(scores.sub_(lse[..., None]).exp_(), v.to(ct)).to(q.dtype), lse
 
 
-def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
-                   window: int) -> torch.Tensor:
-    """The blocked forward (a plain function, so that tests can watch every buffer it makes)."""
-    b, _, s, _ = q.shape
-    qb, kf, vf, spans = _blocks(q, k, v, block, window)
-    _, bg, rows, _ = qb.shape
-    scratch = _Scratch(qb, 2, bg, rows, max(end - lo for _, end, lo in spans))
+def _attend_backward(grad, q, k, v, out, lse, mask, scale, fused: bool):
+    """Gradients of one block from its output and log-sum-exp (probabilities recomputed)."""
+    if fused:
+        dq, dk, dv = _FLASH_BACKWARD(grad[:, None], q[:, None], k[:, None], v[:, None], out[:, None],
+                                     lse[:, None], 0.0, False, attn_mask=mask, scale=scale)
+        return dq[:, 0], dk[:, 0], dv[:, 0]
+    ct = lse.dtype
+    q, k, v, grad, out = (t.to(ct) for t in (q, k, v, grad, out))
+    p = torch.baddbmm(mask.to(ct), q, k.transpose(1, 2), alpha=scale).sub_(lse[..., None]).exp_()
+    d_scores = torch.bmm(grad, v.transpose(1, 2)).sub_((grad * out).sum(-1, keepdim=True)).mul_(p)
+    return (torch.bmm(d_scores, k).mul_(scale), torch.bmm(d_scores.transpose(1, 2), q).mul_(scale),
+            torch.bmm(p.transpose(1, 2), grad))
+
+
+def _layout(q, k, v, block: int, window: int):
+    """Query blocks ``[nb, b*g, r*block, d]``, keys and values ``[b*g, s_padded, d]``, the band
+    mask and each block's (first query, end, first key)."""
+    qb, kf, vf = _to_blocks(q, k.shape[1], block), _keys(k, block), _keys(v, block)
+    mask = band_mask(qb.shape[2], block, window, q.dtype, str(q.device))
+    return qb, kf, vf, mask, _spans(q.shape[2], block, window)
+
+
+def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, window: int,
+                   fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out ``[b, h, s, d]``, log-sum-exp ``[nb, b*g, r*block]``); a plain function, so that
+    tests can watch every buffer it makes."""
+    b, _, s, d = q.shape
+    qb, kf, vf, mask, spans = _layout(q, k, v, block, window)
     out = torch.empty_like(qb)
-    for i, (start, end, lo) in enumerate(spans):
-        p = _probabilities(scratch, qb[i], kf, start, end, lo, block, window)
-        torch.bmm(p, vf[:, lo:end], out=out[i])
-    return _from_blocks(out, b, s, block, dtype=q.dtype)
+    lse = qb.new_empty(qb.shape[:3], dtype=_lse_dtype(q.dtype))
+    for i, (_, end, lo) in enumerate(spans):
+        out[i], lse[i] = _attend(qb[i], kf[:, lo:end], vf[:, lo:end], mask[:, lo - end:],
+                                 d ** -0.5, fused)
+    return _from_blocks(out, b, s, block), lse
 
 
-def backward_blocks(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    block: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, recomputing each block's probabilities from q and k."""
+def backward_blocks(grad, q, k, v, out, lse, block: int, window: int,
+                    fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, _, s, d = q.shape
     g = k.shape[1]
-    qb, kf, vf, spans = _blocks(q, k, v, block, window)
-    grad_b = _to_blocks(grad, g, block, dtype=qb.dtype)
-    _, bg, rows, _ = qb.shape
-    scratch = _Scratch(qb, 4, bg, rows, max(end - lo for _, end, lo in spans))
+    qb, kf, vf, mask, spans = _layout(q, k, v, block, window)
+    grad_b, out_b = _to_blocks(grad, g, block), _to_blocks(out, g, block)
     dq = torch.empty_like(qb)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
-    for i, (start, end, lo) in enumerate(spans):
-        p = _probabilities(scratch, qb[i], kf, start, end, lo, block, window)
-        dv[:, lo:end].baddbmm_(p.transpose(1, 2), grad_b[i])
-        dp = torch.bmm(grad_b[i], vf[:, lo:end].transpose(1, 2), out=scratch.get(2, end - lo))
-        # softmax backward: p * (dp - rowsum(dp * p)); masked entries have p = 0
-        d_scores = torch.ops.aten._softmax_backward_data.out(
-            dp, p, -1, p.dtype, grad_input=scratch.get(3, end - lo))
-        torch.bmm(d_scores, kf[:, lo:end], out=dq[i])
-        dk[:, lo:end].baddbmm_(d_scores.transpose(1, 2), qb[i])
-    return (_from_blocks(dq, b, s, block, d ** -0.5, q.dtype),
-            dk.view(b, g, -1, d)[:, :, :s].to(k.dtype).contiguous(),
-            dv.view(b, g, -1, d)[:, :, :s].to(v.dtype).contiguous())
+    for i, (_, end, lo) in enumerate(spans):
+        dq[i], dk_i, dv_i = _attend_backward(grad_b[i], qb[i], kf[:, lo:end], vf[:, lo:end],
+                                             out_b[i], lse[i], mask[:, lo - end:], d ** -0.5, fused)
+        dk[:, lo:end] += dk_i
+        dv[:, lo:end] += dv_i
+    return (_from_blocks(dq, b, s, block), dk.view(b, g, -1, d)[:, :, :s].contiguous(),
+            dv.view(b, g, -1, d)[:, :, :s].contiguous())
 
 
 @torch.library.custom_op("fractal::window_attention", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
-             window: int) -> torch.Tensor:
-    return forward_blocks(q, k, v, block, window)
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, window: int,
+             fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_blocks(q, k, v, block, window, fused)
 
 
 @_forward.register_fake
-def _(q, k, v, block, window):
-    return q.new_empty(q.shape)
+def _(q, k, v, block, window, fused):
+    b, h, s, d = q.shape
+    g = k.shape[1]
+    nb = -(-s // block)
+    return q.new_empty(q.shape), q.new_empty(nb, b * g, h // g * block, dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fractal::window_attention_backward", mutates_args=())
-def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
-              window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_blocks(grad, q, k, v, block, window)
+def _backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: torch.Tensor, lse: torch.Tensor, block: int, window: int,
+              fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_blocks(grad, q, k, v, out, lse, block, window, fused)
 
 
 @_backward.register_fake
-def _(grad, q, k, v, block, window):
+def _(grad, q, k, v, out, lse, block, window, fused):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block, window = inputs
-    ctx.block, ctx.window = block, window
-    ctx.save_for_backward(q, k, v)  # no probabilities: the backward recomputes them
+    q, k, v, block, window, fused = inputs
+    ctx.block, ctx.window, ctx.fused = block, window, fused
+    ctx.save_for_backward(q, k, v, *output)  # no probabilities: the backward recomputes them
+    ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(ctx, grad_out):
-    q, k, v = ctx.saved_tensors
-    dq, dk, dv = _backward(grad_out, q, k, v, ctx.block, ctx.window)
-    return dq, dk, dv, None, None
+def _autograd_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = _backward(grad_out, *ctx.saved_tensors, ctx.block, ctx.window, ctx.fused)
+    return dq, dk, dv, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def window_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                             block: int = BLOCK) -> torch.Tensor:
-    """The blocked op on any device: q ``[b, h, s, d]``, k/v ``[b, g, s, d]`` -> ``[b, h, s, d]``."""
+                             block: int | None = None, fused: bool | None = None) -> torch.Tensor:
+    """The blocked op: q ``[b, h, s, d]``, k/v ``[b, g, s, d]`` -> ``[b, h, s, d]``. ``fused``:
+    the CPU flash kernel per block (default on CPU), else matmuls and a softmax (any device)."""
     if window <= 0:
         raise ValueError(f"window must be positive, got {window}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
-    return _forward(q, k, v, block, window)
+    fused = q.device.type == "cpu" if fused is None else fused
+    return _forward(q, k, v, block or default_block(window), window, fused)[0]
 
 
 @lru_cache(maxsize=1)

@@ -45,30 +45,34 @@ def assert_matches_reference(out, q, k, v, window, tol=1e-5):
     (1, 8, 1, 45, 16, 44),   # one KV head, the window one short of the sequence
     (2, 2, 2, 9, 16, 4),     # shorter than a block
 ])
-def test_matches_the_reference_values_and_gradients(b, heads, groups, s, block, window):
+@pytest.mark.parametrize("fused", [True, False], ids=["flash", "matmul"])
+def test_matches_the_reference_values_and_gradients(b, heads, groups, s, block, window, fused):
+    """Both block paths: the CPU flash kernel, and the matmul one CUDA falls back to."""
     q, k, v = inputs(b, heads, groups, s)
-    assert_matches_reference(wa.window_attention_blocked(q, k, v, window, block), q, k, v, window)
+    out = wa.window_attention_blocked(q, k, v, window, block, fused)
+    assert_matches_reference(out, q, k, v, window)
 
 
 def test_gradients_are_exact_in_float64():
     q, k, v = inputs(1, 4, 2, 11, d=4, seed=1, dtype=torch.float64)
-    for window in (3, 6):  # shorter and longer than the block
+    for window, fused in ((3, True), (6, True), (6, False)):  # shorter and longer than the block
         assert torch.autograd.gradcheck(
-            lambda q, k, v, window=window: wa.window_attention_blocked(q, k, v, window, 4),
-            (q, k, v), fast_mode=True)
+            lambda q, k, v, window=window, fused=fused: wa.window_attention_blocked(
+                q, k, v, window, 4, fused), (q, k, v), fast_mode=True)
 
 
-def test_16_bit_inputs_are_computed_in_fp32():
+def test_bf16():
     q, k, v = inputs(2, 4, 2, 50, seed=2, dtype=torch.bfloat16)
     out = wa.window_attention_blocked(q, k, v, 12, 16)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16  # the flash kernel accumulates in fp32
     assert_matches_reference(out, q, k, v, 12, tol=2e-2)
 
 
 def test_the_op_registration_is_consistent():
     """Fake (meta) outputs, schema and autograd registration agree with the real op."""
     q, k, v = inputs(2, 4, 2, 40, seed=3)
-    torch.library.opcheck(wa._forward, (q, k, v, 16, 20))
+    for fused in (True, False):
+        torch.library.opcheck(wa._forward, (q, k, v, 16, 20, fused))
 
 
 def test_compiled_with_the_cpp_wrapper_matches_eager():
@@ -104,29 +108,40 @@ class Allocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("s", [128, 256])
-def test_memory_is_one_score_block_beside_the_inputs(s):
-    """O(N x window), asserted from buffer sizes: backward keeps only q, k, v (no probabilities);
-    forward and backward each make one query block's scores, [b * g, r * block, window + block -
-    1], the same at every N, a few times (reused for every block); everything else is O(N d)
-    (blocked copies and gradients), and all of it together is far below N x N."""
-    b, heads, groups, d, block, window = 2, 4, 2, 8, 16, 24
+def allocations(b, heads, groups, s, d, block, window, fused):
+    """(shapes saved for the backward, sizes of the buffers forward and backward make)."""
     q, k, v = inputs(b, heads, groups, s, d, seed=5)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        out = wa.window_attention_blocked(q, k, v, window, block)
-    assert sorted(saved) == sorted([q.shape, k.shape, v.shape])
+        wa.window_attention_blocked(q, k, v, window, block, fused)
+    q, k, v = (t.detach() for t in (q, k, v))
+    wa.band_mask.cache_clear()  # so that the mask is made (and counted) below
+    with Allocations() as made:
+        out, lse = wa.forward_blocks(q, k, v, block, window, fused)
+        wa.backward_blocks(torch.ones_like(out), q, k, v, out, lse, block, window, fused)
+    return saved, (q, k, v, out, lse), made.sizes
 
-    score_block = b * groups * (heads // groups) * block * (window + block - 1)
-    io = b * heads * s * d
-    for step in (lambda: wa.forward_blocks(q.detach(), k.detach(), v.detach(), block, window),
-                 lambda: wa.backward_blocks(torch.ones_like(out), q.detach(), k.detach(),
-                                            v.detach(), block, window)):
-        with Allocations() as made:
-            step()
-        assert score_block in made.sizes  # the reused score-sized buffers, the same at every N
-        assert max(made.sizes) <= max(io, score_block)  # nothing N x N
-        assert sum(made.sizes) <= 8 * io + 4 * score_block < b * heads * s * s
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_memory_is_o_n_d_beside_one_block(fused):
+    """O(N x window) and better, asserted from buffer sizes at two lengths: the backward keeps q,
+    k, v, the output and the log-sum-exp (no probabilities); every buffer forward and backward
+    make is either one block's (the band mask [r * block, window + block - 1], or on the matmul
+    path one block's scores [b * g, r * block, window + block - 1]), the same at every N, or an
+    O(N d) copy or gradient, as many at 2N as at N; nothing approaches N x N."""
+    b, heads, groups, d, block, window = 1, 4, 2, 16, 16, 24
+    per_block = b * heads * block * (window + block - 1)  # the scores; the mask is 1/(b*g) of it
+    large = {}
+    for s in (128, 256):
+        saved, tensors, sizes = allocations(b, heads, groups, s, d, block, window, fused)
+        assert sorted(saved) == sorted(t.shape for t in tensors)
+        io = b * heads * s * d
+        assert per_block < io and max(sizes) <= io < b * heads * s * s
+        assert heads // groups * block * (window + block - 1) in sizes  # the band mask
+        assert (per_block in sizes) == (not fused)  # the flash kernel makes no score block
+        large[s] = [n for n in sizes if n > per_block]
+        assert sum(large[s]) <= 12 * io
+    assert len(large[128]) == len(large[256])
 
 
 def test_flex_attention_mask_matches_the_reference():
@@ -176,4 +191,24 @@ def test_cuda_paths_match_the_cpu_reference(dtype):
     q, k, v = (t.detach().to("cuda", dtype).requires_grad_() for t in inputs(2, 8, 2, 1000, 64))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert_matches_reference(wa.window_attention(q, k, v, 256), q, k, v, 256, tol)
-    assert_matches_reference(wa.window_attention_blocked(q, k, v, 256), q, k, v, 256, tol)
+    assert_matches_reference(wa.window_attention_blocked(q, k, v, 256, fused=False), q, k, v, 256,
+                             tol)
+
+
+@pytest.mark.integration
+def test_bench_attention_times_the_window_op_against_dense(tmp_path):
+    """`bench attention` is the shipped command behind the README's window-versus-dense table."""
+    import json
+
+    from helpers import run_cli
+
+    out = tmp_path / "bench"
+    result = run_cli("-m", "pretrain", "bench", "attention", "--out", str(out), "--min-n", "1024",
+                     "--max-n", "1024", "--fit-range", "1024", "1024", "--repeats", "1",
+                     "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--window", "256",
+                     "--methods", "dense", "sliding_window")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["sliding_window_over_dense"]) == {"1024"}
+    assert results["sliding_window_over_dense"]["1024"] > 0
+    assert "sliding_window / dense at N=1024" in result.stdout
