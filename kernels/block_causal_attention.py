@@ -106,32 +106,35 @@ def _padded(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _to_blocks(x: torch.Tensor, groups: int, block: int, scale: float = 1.0) -> torch.Tensor:
+def _to_blocks(x: torch.Tensor, groups: int, block: int, scale: float = 1.0,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[b, h, s, d]`` -> ``[nb, b*g, r*block, d]``: each query block's rows for one matmul per
-    KV head (the r query heads sharing it stacked), scaled, in one copy."""
+    KV head (the r query heads sharing it stacked), scaled (and cast to ``dtype``), in one copy."""
     x = _padded(x, block)
     b, h, s, d = x.shape
     nb, r = s // block, h // groups
-    out = x.new_empty(nb, b * groups, r * block, d)
+    out = x.new_empty(nb, b * groups, r * block, d, dtype=dtype)
     torch.mul(x.view(b, groups, r, nb, block, d).permute(3, 0, 1, 2, 4, 5), scale,
               out=out.view(nb, b, groups, r, block, d))
     return out
 
 
-def _from_blocks(xb: torch.Tensor, b: int, s: int, block: int, scale: float = 1.0) -> torch.Tensor:
+def _from_blocks(xb: torch.Tensor, b: int, s: int, block: int, scale: float = 1.0,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of ``_to_blocks``: ``[nb, b*g, r*block, d]`` -> ``[b, h, s, d]``, contiguous."""
     nb, bg, rows, d = xb.shape
     g, r = bg // b, rows // block
-    out = xb.new_empty(b, g, r, nb, block, d)
+    out = xb.new_empty(b, g, r, nb, block, d, dtype=dtype)
     torch.mul(xb.view(nb, b, g, r, block, d).permute(1, 2, 3, 0, 4, 5), scale, out=out)
     out = out.view(b, g * r, nb * block, d)
     return out if nb * block == s else out[:, :, :s].contiguous()
 
 
-def _keys(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``[b, g, s, d]`` -> ``[b*g, s_padded, d]``, contiguous: every block multiplies a prefix."""
+def _keys(x: torch.Tensor, block: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[b, g, s, d]`` -> ``[b*g, s_padded, d]``, contiguous: every block multiplies a slice."""
     x = _padded(x, block)
-    return x.reshape(-1, x.shape[2], x.shape[3]).contiguous()
+    x = x.reshape(-1, x.shape[2], x.shape[3])
+    return x.to(dtype or x.dtype).contiguous()
 
 
 @torch.library.custom_op("fractal::block_causal_attention", mutates_args=())

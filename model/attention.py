@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.block_causal_attention import block_causal_attention, use_block_causal
+from kernels.window_attention import use_window_attention, window_attention
 
 
 @lru_cache(maxsize=16)
@@ -31,14 +32,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     ``window`` <= 0 or >= s means full causal attention. ``blocked`` (bool, broadcastable to
     ``[b, 1, s, s]``, True = may not attend) adds masking on top, e.g. across documents.
     ``backend="reference"`` is the plain softmax(QK^T) formulation tests compare the fast paths
-    (the CPU block-causal op, SDPA) against.
+    (the CPU block-causal op, the sliding-window op, SDPA) against. A window without ``blocked``
+    never builds the N x N mask; with ``blocked`` (documents) it is SDPA with the mask.
     """
     s = q.shape[-2]
     windowed = 0 < window < s
     block_window = window if windowed else 0
-    if backend != "reference" and blocked is None and use_block_causal(q, block_window):
-        # CPU: faster than SDPA's flash kernel (kernels/block_causal_attention.py)
-        return block_causal_attention(q, k, v, block_window)
+    if backend != "reference" and blocked is None:
+        if use_block_causal(q, block_window):
+            # CPU: faster than SDPA's flash kernel (kernels/block_causal_attention.py)
+            return block_causal_attention(q, k, v, block_window)
+        if windowed and use_window_attention():
+            # no N x N mask at any length (kernels/window_attention.py)
+            return window_attention(q, k, v, window)
     allowed = None
     if windowed or blocked is not None or backend == "reference":
         allowed = sliding_window_mask(s, window if windowed else s, str(q.device))

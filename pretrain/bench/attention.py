@@ -1,14 +1,18 @@
 """Attention scaling: forward+backward time and peak memory against sequence length for dense
 causal SDPA, the baseline's sliding window and FIM attention; fitted power-law exponents.
-``dense_ours`` is dense causal attention as the models call it (``causal_attention``: on CPU the
-block-causal op of ``kernels/block_causal_attention.py`` up to its limits, SDPA elsewhere), so
-its ratio to ``dense`` is that op's speedup.
+``sliding_window`` is the baseline's call (``causal_attention`` with ``--window``: the
+sliding-window op of ``kernels/window_attention.py`` for N > window, dense SDPA itself for
+N <= window, where the window hides nothing). ``dense_ours`` is dense causal attention as the
+models call it (on CPU the block-causal op of ``kernels/block_causal_attention.py`` up to its
+limits, SDPA elsewhere), so its ratio to ``dense`` is that op's speedup.
 
 Each (method, N) point runs in a fresh spawned process so that its peak memory is its own: on
 CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the peak resident set (Linux VmHWM,
 reset through /proc/self/clear_refs) over the resident set just before the first call. Times are the median of ``repeats``
-calls after one warm-up. A point that would not fit (estimated memory over ``memory_gb``) or
-fails is recorded as skipped with the reason; the sweep goes on.
+calls after one warm-up. The methods take turns at each N (not one whole sweep after another),
+so that their ratios at one N see the same load on a shared machine. A point that would not fit
+(estimated memory over ``memory_gb``) or fails is recorded as skipped with the reason; the sweep
+goes on.
 """
 from __future__ import annotations
 
@@ -40,11 +44,11 @@ class Shape:
 
 
 def _estimated_bytes(method: str, n: int, s: Shape) -> float:
-    """Rough upper bound: the sliding window materializes N x N masks and, on CPU, scores."""
+    """Rough upper bound: the block op keeps probabilities; the others O(N d) and a block."""
     itemsize = 2 if s.dtype == "bfloat16" else 4
     io = 8 * s.batch * s.heads * n * s.head_dim * itemsize
-    if method == "sliding_window":
-        return io + 3 * s.batch * s.heads * n * n * 4
+    if method == "sliding_window":  # blocked copies, gradients, the band mask or a block's scores
+        return 2 * io + 4 * s.batch * s.heads * 256 * (s.window + 256) * 4
     if method == "dense_ours":  # the block op keeps the probabilities for the backward
         return io + 2 * s.batch * s.heads * n * n * 4
     if method == "fim":
@@ -158,24 +162,26 @@ def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
                "repeats": repeats, "fit_range": list(fit_range), "methods": {}}
     ctx = mp.get_context("spawn")
     print(f"{'method':>15} {'N':>7} {'fwd+bwd ms':>11} {'peak MB':>9}", flush=True)
-    for method in methods:
-        points = []
-        for n in sizes:
+    points = {method: [] for method in methods}
+    for n in sizes:
+        for method in methods:
             if _estimated_bytes(method, n, shape) > memory_gb * 2**30:
                 point = {"n": n, "skipped": f"estimated memory over --memory-gb {memory_gb}"}
             else:
                 with ctx.Pool(1, maxtasksperchild=1) as pool:
                     point = pool.apply(_child, ((method, n, shape, repeats),))
-            points.append(point)
+            points[method].append(point)
             if "skipped" in point:
                 print(f"{method:>15} {n:>7} skipped: {point['skipped']}", flush=True)
             else:
                 print(f"{method:>15} {n:>7} {point['fwd_bwd_ms']:>11.1f} {point['peak_mb']:>9.1f}",
                       flush=True)
-        results["methods"][method] = {"exponent": fit_exponent(points, *fit_range), "points": points}
+    for method in methods:
+        results["methods"][method] = {"exponent": fit_exponent(points[method], *fit_range),
+                                      "points": points[method]}
     measured = {m: {p["n"]: p["fwd_bwd_ms"] for p in e["points"] if "fwd_bwd_ms" in p}
                 for m, e in results["methods"].items()}
-    for other in ("fim", "dense_ours"):
+    for other in ("sliding_window", "fim", "dense_ours"):
         if "dense" in measured and other in measured:
             results[f"{other}_over_dense"] = {str(n): measured[other][n] / measured["dense"][n]
                                               for n in measured[other] if n in measured["dense"]}
@@ -186,7 +192,7 @@ def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
     for m, e in results["methods"].items():
         exp = f"{e['exponent']:.3f}" if e["exponent"] is not None else "n/a"
         print(f"{m}: fitted exponent {exp} over N in [{fit_range[0]}, {fit_range[1]}]")
-    for other in ("fim", "dense_ours"):
+    for other in ("sliding_window", "fim", "dense_ours"):
         for n, ratio in results.get(f"{other}_over_dense", {}).items():
             print(f"{other} / dense at N={n}: {ratio:.3f}")
     print(f"results in {out_dir / 'results.json'}, plot {out_dir / 'attention_scaling.png'}")
