@@ -21,6 +21,12 @@ def test_bench_train_reports_both_sides_mfu_and_where_the_step_goes(dataset, tmp
     r = json.loads((out / "results.json").read_text())
     assert r["tokens_per_step"] == 4 * 64
     assert len(r["ours"]["step_times_s"]) == len(r["hf"]["step_times_s"]) == 3
+    assert len(r["plain"]["step_times_s"]) == 3  # the plain PyTorch loop over our model
+    assert r["vs_plain"] == pytest.approx(r["ours_tokens_per_s"] / r["plain_tokens_per_s"])
+    for side in ("ours", "hf", "plain"):
+        times = r[side]["step_times_s"]
+        assert min(times) <= r[side]["step_p25_s"] <= r[side]["step_s"] <= max(times), side
+    assert r["ratio_p25"] == pytest.approx(r["hf"]["step_p25_s"] / r["ours"]["step_p25_s"])
     assert r["ours_tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["ours"]["step_s"])
     assert r["hf_tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["hf"]["step_s"])
     assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["hf_tokens_per_s"])

@@ -84,6 +84,8 @@ def test_causal_attention_takes_it_only_where_it_is_meant_to(monkeypatch):
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
         return bool(calls)
 
+    assert not used(q, k, v)                           # shorter than MIN_SEQ: flash's one tile
+    monkeypatch.setattr(bca, "MIN_SEQ", 16)
     assert used(q, k, v)                               # CPU, fp32, full causal
     assert used(q, k, v, window=8)                     # or a sliding window
     assert not used(q, k, v, blocked=blocked)          # documents masked: SDPA with a mask

@@ -4,7 +4,9 @@ Both train the config's model shape on the same batches with the same optimizer 
 the config's betas, weight decay on matrices only, the warmup-cosine LR schedule, gradient
 clipping). Ours runs the real ``trainer.train`` (data loader, DeepSpeed engine, metrics, the
 config's ``train.compile``); transformers runs eager, as its users train it, on batches already
-in memory. The two alternate step by step, and step times are medians after warm-up. A few extra steps of ours run under
+in memory. A third side, the plain loop, trains our own model (same build and compile) with the
+loop a PyTorch user writes: ours against it is the trainer's overhead. The three alternate step
+by step, and step times are medians after warm-up. A few extra steps of ours run under
 torch.profiler, and the ``phase/*`` ranges the trainer marks give the per-phase breakdown;
 collectives found inside a phase are moved to "communication".
 
@@ -111,6 +113,50 @@ class TransformersReference:
         return time.perf_counter() - start
 
 
+class PlainLoop:
+    """The model our trainer builds (same build and seed, ``train.compile`` as the trainer applies
+    it), trained by the loop a PyTorch user writes: forward, backward, ``clip_grad_norm_``, fused
+    AdamW, the LR schedule, ``zero_grad``; batches in memory. What our step costs beyond this is
+    the trainer's own overhead (engine, metrics, data). Needs megatron's parallel state (a
+    one-rank gloo group) to build."""
+
+    def __init__(self, cfg: RunConfig, device):
+        import torch
+
+        from pretrain.core.engine import lr_lambda, param_groups
+        from pretrain.core.model_dir import build_model
+        from pretrain.core.steps import model_inputs
+        from pretrain.core.trainer import prepare_model
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg).to(device).train()
+        prepare_model(self.model, cfg, device)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
+                                           betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.grad_clip = o.grad_clip
+        self.micro = [model_inputs(b, device) for b in batches_of(cfg, cfg.train.grad_accum)]
+        self.device = device
+
+    def step(self) -> float:
+        """One optimizer step; its wall time in seconds."""
+        import torch
+
+        _sync(self.device)
+        start = time.perf_counter()
+        for batch in self.micro:
+            loss = self.model(**batch).mean()
+            (loss / len(self.micro)).backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
 def phase_breakdown(events, step_seconds: list[float]) -> dict:
     """Seconds per step in each phase from the profiled steps' events; collectives move from
     the phase they happen in to "communication"; "other" is what no phase covers."""
@@ -148,22 +194,34 @@ def phase_breakdown(events, step_seconds: list[float]) -> dict:
             "fraction": {name: value / step for name, value in per_step.items()}}
 
 
-def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_dir: Path,
-              device) -> tuple[dict, dict]:
-    """Warm transformers up, then run ``trainer.train``: after each of our timed steps one
-    transformers step runs, so both sides are timed under the same machine conditions (shared
-    2-core machines drift by 10% from minute to minute; the host-allocator setting the trainer
-    applies on CPU is process-wide, so transformers' timed steps run under it too). Then ``profile_steps`` profiled steps of
-    ours give the phase breakdown. Peak memory: the rise during each side's warm-up steps."""
+def lower_quartile(values: list[float]) -> float:
+    """The step time a quarter of the steps beat: on a machine shared with other jobs, steps
+    that ran while another process held a core are slower, never faster."""
+    return statistics.quantiles(values, n=4, method="inclusive")[0] if len(values) > 1 else values[0]
+
+
+def time_all(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_dir: Path,
+             device) -> tuple[dict, dict, dict]:
+    """Warm transformers and the plain loop up, then run ``trainer.train``: after each of our
+    timed steps one transformers step and one plain-loop step run, so all three are timed under
+    the same machine conditions (shared 2-core machines drift by 10% from minute to minute; the
+    host-allocator setting the trainer applies on CPU is process-wide, so the others' timed steps
+    run under it too). Then ``profile_steps`` profiled steps of ours give the phase breakdown.
+    Peak memory: the rise during each side's warm-up steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    from pretrain.core import parallel
     from pretrain.core.trainer import EXIT_OK, train
 
-    base = reset_peak_memory(device)
-    reference = TransformersReference(cfg, device)
-    for _ in range(warmup):
-        reference.step()
-    hf = {"peak_mem_mb": peak_memory_since(device, base), "step_times_s": []}
+    sides = {}
+    parallel.setup(cfg)  # the plain loop's megatron model needs it; train() finds it set up
+    for name, side in (("hf", TransformersReference), ("plain", PlainLoop)):
+        base = reset_peak_memory(device)
+        sides[name] = side(cfg, device)
+        for _ in range(warmup):
+            sides[name].step()
+        sides[name].result = {"peak_mem_mb": peak_memory_since(device, base), "step_times_s": []}
+    hf, plain = sides["hf"].result, sides["plain"].result
 
     t = cfg.train
     t.steps = warmup + steps + 1 + profile_steps  # +1: the profiler's own warm-up step
@@ -182,7 +240,8 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
                 ours["peak_mem_mb"] = peak_memory_since(device, base)
             if warmup < step <= warmup + steps:
                 ours["step_times_s"].append(seconds)
-                hf["step_times_s"].append(reference.step())
+                hf["step_times_s"].append(sides["hf"].step())
+                plain["step_times_s"].append(sides["plain"].step())
             prof.step()
 
         status = train(cfg, resume="never", on_step=on_step)
@@ -192,9 +251,10 @@ def time_both(cfg: RunConfig, warmup: int, steps: int, profile_steps: int, run_d
     (run_dir.parent / "profile_ours.txt").write_text(
         f"torch.profiler, {profile_steps} steps of ours, operators by self CPU time\n{table}\n")
     ours["phases"] = phase_breakdown(prof.events(), times[-profile_steps:])
-    for side in (ours, hf):
+    for side in (ours, hf, plain):
         side["step_s"] = statistics.median(side["step_times_s"])
-    return ours, hf
+        side["step_p25_s"] = lower_quartile(side["step_times_s"])
+    return ours, hf, plain
 
 
 def run(config: str, overrides: list[str], out: str, warmup: int = 5, steps: int = 20,
@@ -220,17 +280,18 @@ def run(config: str, overrides: list[str], out: str, warmup: int = 5, steps: int
           f"{tokens_per_step} tokens/step | {cfg.parallel.dtype} | compile={cfg.train.compile} | "
           f"peak {peak:.3f} TFLOP/s ({peak_source})", flush=True)
 
-    print(f"{warmup} warm-up steps of transformers' MistralForCausalLM, then our trainer: {warmup} "
-          f"warm-up steps, {steps} timed steps each followed by one transformers step, "
-          f"{profile_steps} profiled steps", flush=True)
-    ours, hf = time_both(cfg, warmup, steps, profile_steps, out_dir / "run", device)
+    print(f"{warmup} warm-up steps of transformers' MistralForCausalLM and of a plain PyTorch loop "
+          f"over our model, then our trainer: {warmup} warm-up steps, {steps} timed steps each "
+          f"followed by one transformers step and one plain-loop step, {profile_steps} profiled "
+          f"steps", flush=True)
+    ours, hf, plain = time_all(cfg, warmup, steps, profile_steps, out_dir / "run", device)
 
     def summary(side: dict) -> dict:
         tps = tokens_per_step / side["step_s"]
         return {"tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12,
                 "mfu": tps * flops_per_token / 1e12 / peak}
 
-    o, h = summary(ours), summary(hf)
+    o, h, p = summary(ours), summary(hf), summary(plain)
     results = {
         "benchmark": "train", "command": command, "commit": provenance.commit(),
         "date": provenance.utc_now(), "hardware": provenance.hardware(), "config": config,
@@ -240,7 +301,10 @@ def run(config: str, overrides: list[str], out: str, warmup: int = 5, steps: int
         "peak_tflops": peak, "peak_source": peak_source,
         "ours_tokens_per_s": o["tokens_per_s"], "hf_tokens_per_s": h["tokens_per_s"],
         "ratio": o["tokens_per_s"] / h["tokens_per_s"], "mfu": o["mfu"], "hf_mfu": h["mfu"],
-        "ours": {**ours, **o}, "hf": {**hf, **h},
+        "plain_tokens_per_s": p["tokens_per_s"], "vs_plain": o["tokens_per_s"] / p["tokens_per_s"],
+        "ratio_p25": hf["step_p25_s"] / ours["step_p25_s"],
+        "vs_plain_p25": plain["step_p25_s"] / ours["step_p25_s"],
+        "ours": {**ours, **o}, "hf": {**hf, **h}, "plain": {**plain, **p},
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table = render_table(results)
@@ -251,15 +315,22 @@ def run(config: str, overrides: list[str], out: str, warmup: int = 5, steps: int
 
 
 def render_table(r: dict) -> str:
-    o, h = r["ours"], r["hf"]
+    o, h, p = r["ours"], r["hf"], r["plain"]
     lines = [
-        "| | ours | transformers |", "|---|---:|---:|",
-        f"| step (median of {r['timed_steps']}) | {o['step_s'] * 1e3:.1f} ms | {h['step_s'] * 1e3:.1f} ms |",
-        f"| tokens/s | {o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} |",
-        f"| TFLOP/s | {o['tflops']:.3f} | {h['tflops']:.3f} |",
-        f"| MFU | {o['mfu']:.1%} | {h['mfu']:.1%} |",
-        f"| peak memory | {o['peak_mem_mb']:,.0f} MB | {h['peak_mem_mb']:,.0f} MB |",
-        "", f"ours / transformers: **{r['ratio']:.3f}x** tokens/s. FLOPs/token "
+        "| | ours | transformers | plain loop |", "|---|---:|---:|---:|",
+        f"| step (median of {r['timed_steps']}) | {o['step_s'] * 1e3:.1f} ms | "
+        f"{h['step_s'] * 1e3:.1f} ms | {p['step_s'] * 1e3:.1f} ms |",
+        f"| step (lower quartile) | {o['step_p25_s'] * 1e3:.1f} ms | {h['step_p25_s'] * 1e3:.1f} ms | "
+        f"{p['step_p25_s'] * 1e3:.1f} ms |",
+        f"| tokens/s | {o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | {p['tokens_per_s']:,.0f} |",
+        f"| TFLOP/s | {o['tflops']:.3f} | {h['tflops']:.3f} | {p['tflops']:.3f} |",
+        f"| MFU | {o['mfu']:.1%} | {h['mfu']:.1%} | {p['mfu']:.1%} |",
+        f"| peak memory | {o['peak_mem_mb']:,.0f} MB | {h['peak_mem_mb']:,.0f} MB | "
+        f"{p['peak_mem_mb']:,.0f} MB |",
+        "", f"ours / transformers: **{r['ratio']:.3f}x** tokens/s; ours / plain loop over our "
+            f"model: **{r['vs_plain']:.3f}x** (at the lower-quartile step times: {r['ratio_p25']:.3f}x "
+            f"and {r['vs_plain_p25']:.3f}x; other jobs on the machine only ever slow a step). "
+            f"FLOPs/token "
             f"{r['flops_per_token'] / 1e6:.2f}M ({r['flop_formula']}); peak {r['peak_tflops']:.3f} "
             f"TFLOP/s ({r['peak_source']}).", "",
         f"Our step by phase ({len(o['step_times_s'])} timed steps; breakdown from the profiled steps):",

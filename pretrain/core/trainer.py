@@ -203,6 +203,19 @@ def _report_rank(layout, what: str) -> None:
         print(f"rank {layout.rank}/{layout.world_size} on {node}: {what}", flush=True)
 
 
+def prepare_model(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> None:
+    """What the trainer does to a built model before training: on CPU keep freed host memory
+    (process-wide), and ``train.compile`` (inductor; on CPU its kernels launched from C++, less
+    Python per step). ``bench train`` prepares its plain-loop model the same way."""
+    if device.type == "cpu":
+        retain_freed_host_memory()
+    if cfg.train.compile:
+        if device.type == "cpu":
+            import torch._inductor.config as inductor_config
+            inductor_config.cpp_wrapper = True
+        model.compile()  # in place: parameter names, hence checkpoints, stay those of eager
+
+
 def train(cfg: RunConfig, resume: str = "auto",
           on_step: Callable[[int, float], None] | None = None,
           on_eval: Callable[[int, dict, Path | None], None] | None = None) -> int:
@@ -246,13 +259,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     model = build_model(cfg).to(layout.device)
     if pretrained is not None:  # before the engine: ZeRO partitions and copies the loaded weights
         loaded = hf_init.load_into(model, cfg, pretrained)
-    if layout.device.type == "cpu":
-        retain_freed_host_memory()
-    if t.compile:
-        if layout.device.type == "cpu":
-            import torch._inductor.config as inductor_config
-            inductor_config.cpp_wrapper = True  # kernels launched from C++: less Python per step
-        model.compile()  # in place: parameter names, hence checkpoints, stay those of eager
+    prepare_model(model, cfg, layout.device)
     clock.mark("model")
     controller = QController(cfg.optim.qcontrol, cfg.optim.beta1) if cfg.optim.qcontrol.enabled else None
     engine = build_engine(cfg, model, layout,
