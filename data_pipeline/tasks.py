@@ -7,10 +7,15 @@
 
 An example is one token sequence with answer spans; ``score`` teacher-forces it through a model
 and counts an answer correct when every answer token is the argmax prediction (equivalent to
-greedy decoding of that span).
+greedy decoding of that span), and gives the answer's log-likelihood in bits per answer token
+(which moves before accuracy does).
+
+``mqar_batch`` is MQAR in Zoology's own token-level form, for training small models on the task
+directly (`bench recall`); ``value_scores`` scores its value positions.
 """
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from typing import Callable
@@ -92,18 +97,85 @@ def mqar_examples(tokenizer, num_pairs: int, context_len: int, num_examples: int
     return examples
 
 
+def answer_bits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log2 p(target) of each answer token: logits ``[..., vocab]``, targets ``[...]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None])[..., 0] / math.log(2)
+
+
 @torch.no_grad()
 def score(examples: list[TaskExample], logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
     """``logits_fn(ids [1, n]) -> logits [1, n, vocab]``. Returns overall accuracy (over answer
-    spans) and accuracy per setting, keyed 'name=value,...'."""
+    spans), bits per answer token (mean -log2 p over every answer token) and both per setting,
+    keyed 'name=value,...'."""
     correct: dict[str, list[int]] = {}
+    bits: dict[str, list[float]] = {}
     for ex in examples:
         ids = torch.from_numpy(ex.input_ids)
-        predicted = logits_fn(ids[None, :-1])[0].argmax(-1)  # position p predicts token p + 1
+        logits = logits_fn(ids[None, :-1])[0]                 # position p predicts token p + 1
+        predicted = logits.argmax(-1)
         key = ",".join(f"{k}={v}" for k, v in ex.setting.items())
         for start, length in ex.answers:
-            hit = torch.equal(predicted[start - 1:start - 1 + length], ids[start:start + length])
+            span = slice(start - 1, start - 1 + length)
+            hit = torch.equal(predicted[span], ids[start:start + length])
             correct.setdefault(key, []).append(int(hit))
+            bits.setdefault(key, []).extend(answer_bits(logits[span], ids[start:start + length]).tolist())
     every = [c for hits in correct.values() for c in hits]
+    every_bits = [b for values in bits.values() for b in values]
     return {"accuracy": float(np.mean(every)) if every else 0.0, "answers": len(every),
-            "by_setting": {k: float(np.mean(v)) for k, v in correct.items()}}
+            "answer_bits": float(np.mean(every_bits)) if every_bits else 0.0,
+            "by_setting": {k: float(np.mean(v)) for k, v in correct.items()},
+            "bits_by_setting": {k: float(np.mean(v)) for k, v in bits.items()}}
+
+
+@dataclass
+class MqarBatch:
+    """Zoology's MQAR as tensors: ``inputs [b, s]``; at each query position (``mask`` True) the
+    model must predict ``targets`` there, the queried key's value (0 elsewhere)."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+
+def mqar_batch(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, seed: int,
+               power_a: float = 0.01, random_non_queries: bool = False) -> MqarBatch:
+    """Zoology's ``multiquery_ar`` (Arora et al., 2023): keys from ``[1, vocab/2)``, values from
+    ``[vocab/2, vocab)``; ``k1 v1 ... kP vP`` first, then every key queried once at an even
+    offset ``2 g`` of the rest, gaps g drawn without replacement with p(g) ~ (g + 1)^(a - 1) (near
+    queries likelier); every other position is 0 (Zoology's figure 2), or with
+    ``random_non_queries`` a uniform random token; neither is ever supervised. The value is never
+    shown after its query: it is only the target there."""
+    context = 2 * num_pairs
+    space = (seq_len - context) // 2
+    if space < num_pairs:
+        raise ValueError(f"mqar_batch: seq_len={seq_len} needs >= 4 x num_pairs={num_pairs} tokens")
+    half = vocab_size // 2
+    if half - 1 < num_pairs:
+        raise ValueError(f"mqar_batch: vocab_size={vocab_size} has fewer than {num_pairs} keys")
+    rng = np.random.default_rng([seed, seq_len, num_pairs, vocab_size])
+    rows = np.arange(num_examples)[:, None]
+    # Distinct keys and values per row: the first P of a random permutation of each half.
+    keys = rng.random((num_examples, half - 1)).argsort(axis=1)[:, :num_pairs] + 1
+    values = rng.random((num_examples, vocab_size - half)).argsort(axis=1)[:, :num_pairs] + half
+    # Weighted sampling without replacement as the top-P of log p + Gumbel noise (Gumbel-top-k).
+    log_p = (power_a - 1) * np.log(np.arange(1, space + 1))
+    gaps = np.argsort(-(log_p + rng.gumbel(size=(num_examples, space))), axis=1)[:, :num_pairs]
+    inputs = (rng.integers(0, vocab_size, (num_examples, seq_len)) if random_non_queries
+              else np.zeros((num_examples, seq_len), dtype=np.int64))
+    inputs[:, 0:context:2], inputs[:, 1:context:2] = keys, values
+    where = context + 2 * gaps
+    inputs[rows, where] = keys
+    targets = np.zeros((num_examples, seq_len), dtype=np.int64)
+    targets[rows, where] = values
+    mask = np.zeros((num_examples, seq_len), dtype=bool)
+    mask[rows, where] = True
+    return MqarBatch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(mask))
+
+
+@torch.no_grad()
+def value_scores(logits: torch.Tensor, batch: MqarBatch) -> dict:
+    """Accuracy (argmax = value) and bits per answer token over the value positions only."""
+    chosen = logits[batch.mask]                                  # [answers, vocab]
+    truth = batch.targets[batch.mask]
+    return {"accuracy": float((chosen.argmax(-1) == truth).float().mean()),
+            "answer_bits": float(answer_bits(chosen, truth).mean()), "answers": int(truth.numel())}

@@ -30,6 +30,7 @@ BENCHMARKS = {   # `bench <what>`
     "generate": ("pretrain.bench.generate", "CPU generation tokens/s and peak RSS, float vs int8"),
     "prepare": ("pretrain.bench.prepare", "data_pipeline prepare vs datatrove: MB/s at 1 and 2 workers, peak RSS"),
     "compare": ("pretrain.research.compare", "baseline vs variants at equal data and budget -> report.md"),
+    "recall": ("pretrain.research.recall", "MQAR (Zoology): dense vs window vs FIM attention trained on the task"),
 }
 
 

@@ -32,12 +32,13 @@ def test_summary_and_welch_match_scipy():
 
 def fabricated(fim_exp=1.1, dense_exp=1.9, base_spt=1e-4, fim_spt=1.2e-4, base_acc=(0.0, 0.0),
                fim_acc=(0.0, 0.0)) -> dict:
-    def arm(name, model, spt, acc, bpb):
+    def arm(name, model, spt, acc, bpb, bits=(3.4375, 4.8125)):
         runs = [{"seed": s, "run_dir": f"runs/{name}-{s}", "reused": False, "bpb": bpb[s],
                  "tokens": 1000, "elapsed_s": spt * 1000, "seconds_per_token": spt,
                  "tokens_per_s": 1 / spt, "mfu": 0.5, "peak_mem_mb": 500.0,
                  "curve": [{"tokens": 0, "bpb": 8.1}, {"tokens": 1000, "bpb": bpb[s]}],
-                 "tasks": {"contexts": [128], "passkey": {"128": acc[0]}, "mqar": {"128": acc[1]}}}
+                 "tasks": {"contexts": [128], "passkey": {"128": acc[0]}, "mqar": {"128": acc[1]},
+                           "answer_bits": {"passkey": {"128": bits[0]}, "mqar": {"128": bits[1]}}}}
                 for s in range(2)]
         out = {"name": name, "config": f"configs/{name}.yaml", "model": model, "params": 3210000,
                "flops_per_token": 2.0e7 if model == "mistral" else 1.9e7,
@@ -45,7 +46,8 @@ def fabricated(fim_exp=1.1, dense_exp=1.9, base_spt=1e-4, fim_spt=1.2e-4, base_a
         for key in ("bpb", "seconds_per_token", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"):
             out[key] = stats.summarize([r[key] for r in runs])
         out["tasks"] = {t: {"accuracy": stats.summarize([acc[i]] * 2),
-                            "by_context": {"128": stats.summarize([acc[i]] * 2)}}
+                            "by_context": {"128": stats.summarize([acc[i]] * 2)},
+                            "bits_by_context": {"128": stats.summarize([bits[i]] * 2)}}
                         for i, t in enumerate(("passkey", "mqar"))}
         return out
 
@@ -121,6 +123,7 @@ def test_every_number_in_the_report_is_in_results_json():
                     "## Claims of the FIM design document", "## Reproduce", "bpb_vs_tokens.png",
                     "tasks.png", "attention_scaling.png", "fim_attention.png"):
         assert section in report
+    assert "| mistral | passkey bits | 3.44 ± 0.00 | n/a (> seq length) |" in report
     known = list(_values(results))
     prose = re.sub(r"!\[[^]]*\]\([^)]*\)|`[^`]*`", "", report)  # image links, code (paths)
     for tok in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?%?", prose):

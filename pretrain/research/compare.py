@@ -90,11 +90,12 @@ def train_run(cfg: RunConfig, run_dir: Path) -> bool:
 
 
 def task_scores(run_dir: Path, contexts: list[int], seed: int = 0) -> dict:
-    """Passkey and MQAR accuracy per context length, cached in the run directory."""
+    """Passkey and MQAR accuracy and bits per answer token per context length, cached in the run
+    directory."""
     cache = run_dir / "tasks.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("contexts") == contexts:
+        if cached.get("contexts") == contexts and "answer_bits" in cached:
             return cached
     import torch
 
@@ -104,13 +105,14 @@ def task_scores(run_dir: Path, contexts: list[int], seed: int = 0) -> dict:
     gen = Generator(str(run_dir))
     logits = lambda ids: gen.model(ids)  # noqa: E731  (labels None -> logits)
     usable = [c for c in contexts if c <= gen.cfg.model.seq_length]
-    result = {"contexts": contexts, "passkey": {}, "mqar": {}}
+    result = {"contexts": contexts, "passkey": {}, "mqar": {}, "answer_bits": {"passkey": {}, "mqar": {}}}
     with torch.no_grad():
         for c in usable:
-            result["passkey"][str(c)] = score(passkey_examples(gen.tokenizer, c, per_depth=2, seed=seed),
-                                              logits)["accuracy"]
-            result["mqar"][str(c)] = score(mqar_examples(gen.tokenizer, 4, c, num_examples=8, seed=seed),
-                                           logits)["accuracy"]
+            for task, examples in (("passkey", passkey_examples(gen.tokenizer, c, per_depth=2, seed=seed)),
+                                   ("mqar", mqar_examples(gen.tokenizer, 4, c, num_examples=8, seed=seed))):
+                scored = score(examples, logits)
+                result[task][str(c)] = scored["accuracy"]
+                result["answer_bits"][task][str(c)] = scored["answer_bits"]
     cache.write_text(json.dumps(result, indent=2))
     return result
 
@@ -152,7 +154,10 @@ def aggregate(name: str, config_path: str, cfg: RunConfig, runs: list[dict]) -> 
         contexts = sorted({int(c) for r in runs for c in r["tasks"][task]})
         by_context = {str(c): stats.summarize([r["tasks"][task][str(c)] for r in runs]) for c in contexts}
         overall = [sum(r["tasks"][task].values()) / max(len(r["tasks"][task]), 1) for r in runs]
-        arm["tasks"][task] = {"accuracy": stats.summarize(overall), "by_context": by_context}
+        bits = {str(c): stats.summarize([r["tasks"]["answer_bits"][task][str(c)] for r in runs])
+                for c in contexts}
+        arm["tasks"][task] = {"accuracy": stats.summarize(overall), "by_context": by_context,
+                              "bits_by_context": bits}
     return arm
 
 

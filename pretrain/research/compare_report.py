@@ -96,14 +96,19 @@ def render(results: dict) -> str:
                      f"{_pm(arm['mfu'], '.3f')} | {_pm(arm['peak_mem_mb'], '.0f')} |")
     lines += ["", "![validation bpb against tokens](bpb_vs_tokens.png)", "",
               "### Retrieval (accuracy of the whole answer, teacher-forced greedy)", "",
+              "Bits: the answer's mean -log2 p per answer token (teacher-forced), which falls before "
+              "accuracy rises.", "",
               "| arm | task | " + " | ".join(f"ctx {c}" for c in results["contexts"]) + " |",
               "|---|---|" + "---|" * len(results["contexts"])]
     for name, arm in arms.items():
         for task in ("passkey", "mqar"):
-            by = arm["tasks"][task]["by_context"]
-            cells = [_pm(by[str(c)], ".2f") if str(c) in by else "n/a (> seq length)"
-                     for c in results["contexts"]]
-            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+            for label, key, fmt in ((task, "by_context", ".2f"), (f"{task} bits", "bits_by_context", ".2f")):
+                by = arm["tasks"][task].get(key)
+                if by is None:   # results written before answer bits were recorded
+                    continue
+                cells = [_pm(by[str(c)], fmt) if str(c) in by else "n/a (> seq length)"
+                         for c in results["contexts"]]
+                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "![retrieval accuracy against context length](tasks.png)", ""]
     levels = {name: arm for name, arm in arms.items() if arm["runs"][0].get("level_losses")}
     if levels:
