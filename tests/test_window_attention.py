@@ -176,7 +176,8 @@ def test_causal_attention_takes_it_for_every_window_past_the_block_op(monkeypatc
     assert not used(q, k, v, window=s)                # no window inside the sequence: dense SDPA
     assert not used(q, k, v)
     assert not used(q, k, v, window=100, blocked=blocked)  # documents: SDPA with the mask
-    assert not used(q[:, :, :64], k[:, :, :64], v[:, :, :64], window=16)  # the block op's reach
+    n = bca.MIN_SEQ  # the block op's reach
+    assert not used(q[:, :, :n], k[:, :, :n], v[:, :, :n], window=16)
     dispatch.set_mode("reference")
     try:
         assert not used(q, k, v, window=100)          # model.kernels=reference: SDPA with the mask
