@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from data_pipeline.tasks import TaskExample, mqar_batch, score, value_scores
-from pretrain.research.recall import RecallOptions, summarize_points
+from pretrain.research.recall import RecallOptions, learning_rate, summarize_points
 
 from helpers import run_cli
 
@@ -72,6 +72,14 @@ def test_answer_bits_on_hand_made_logits():
     assert result["accuracy"] == 0.0                           # token 2 is not the argmax
     assert result["answer_bits"] == pytest.approx((1 + 3) / 2)  # -log2(1/2), -log2(1/8)
     assert result["bits_by_setting"] == {"n=1": pytest.approx(2.0)}
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    lrs = [learning_rate(s, 600, 3e-3, 1 / 3) for s in range(600)]
+    assert lrs[0] == pytest.approx(3e-3 / 200) and lrs[199] == pytest.approx(3e-3)
+    assert all(a <= b for a, b in zip(lrs[:200], lrs[1:200]))          # rising while warming up
+    assert all(a >= b for a, b in zip(lrs[200:], lrs[201:]))            # then only falling
+    assert lrs[-1] == pytest.approx(3e-4, rel=1e-3)
 
 
 def test_the_best_learning_rate_is_reported_per_point():

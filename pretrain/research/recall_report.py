@@ -87,6 +87,11 @@ def render(results: dict) -> str:
                        f"{branches or 'local,hierarchical,routed'}"}[kind]
         keys = results["attended_keys"][mixer]
         lines.append(f"| {mixer} | {what} | " + " | ".join(str(keys[str(n)]) for n in lengths) + " |")
+    if any(m.startswith("fim") for m in mixers):
+        lines += ["", "FIM's keys: its own leaf block exactly, the top-2 routed earlier blocks exactly (chosen "
+                  "among the blocks before the preceding one: the block just before a query's own is "
+                  "seen only inside pooled summaries), and one pooled summary per earlier sibling "
+                  "unit of each level (kernels/fim_geometry.py)."]
     for title, key, fmt in (("Accuracy on the values", "accuracy", ".3f"),
                             ("Bits per answer token (mean -log2 p of the value)", "answer_bits", ".2f")):
         lines += ["", f"## {title}", "",
