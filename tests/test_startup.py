@@ -12,7 +12,7 @@ from helpers import run_cli, train_cmd
 
 
 def test_matmul_probe_is_measured_once_per_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PRETRAIN_CACHE_DIR", str(tmp_path))
     first, cached = cached_probe_tflops(torch.device("cpu"), torch.float32)
     assert not cached and first > 0 and probe_cache_path().is_file()
     again, cached = cached_probe_tflops(torch.device("cpu"), torch.float32)
@@ -26,7 +26,8 @@ def test_matmul_probe_is_measured_once_per_machine(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_run_prints_its_start_up_and_can_skip_the_step0_evaluation(dataset, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    # a fresh probe cache only: XDG_CACHE_HOME would also move DeepSpeed's compiled ops (a ~40 s rebuild)
+    env = {"PRETRAIN_CACHE_DIR": str(tmp_path / "cache")}
     runs = []
     for name, at_start in (("first", "true"), ("second", "false")):
         result = run_cli(*train_cmd(dataset, tmp_path / name, **{"train.steps": 2, "train.eval_at_start": at_start}),

@@ -44,7 +44,13 @@ def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def probe_cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain" / "matmul_probe.json"
+    """``$PRETRAIN_CACHE_DIR/matmul_probe.json``, by default under ``$XDG_CACHE_HOME/pretrain``
+    (``~/.cache/pretrain``). Its own variable, so that moving it leaves the other caches under
+    XDG_CACHE_HOME (DeepSpeed's compiled ops among them) where they are."""
+    root = os.environ.get("PRETRAIN_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain"
+    return Path(root) / "matmul_probe.json"
 
 
 def cached_probe_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, bool]:
