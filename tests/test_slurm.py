@@ -236,13 +236,15 @@ print("with the token, tasks ran on", sorted(ran_on))
 ray.shutdown()
 
 # No auth settings at all (and an empty HOME, so no ~/.ray/auth_token), or a wrong token.
-none = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": sys.argv[1]}
+# RAY_gcs_server_port_wait_time_s: a refused driver gives up after ~3 connect attempts, not ~20.
+none = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": sys.argv[1],
+        "RAY_gcs_server_port_wait_time_s": "3"}
 wrong = none | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
 drivers = {"no token": none, "wrong token": wrong}
 connect = "import ray; ray.init(logging_level='ERROR', log_to_driver=False); print('CONNECTED')"
 procs = {name: subprocess.Popen([sys.executable, "-c", connect], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for name, env in drivers.items()}
-for name, proc in procs.items():  # Ray retries for ~20 s, then gives up
+for name, proc in procs.items():
     out = proc.communicate(timeout=180)[0]
     print(f"{name}: exit {proc.returncode}, connected {'CONNECTED' in out}, "
           f"refused {'Authentication token is missing or incorrect' in out}")

@@ -103,9 +103,30 @@ def uninterrupted(dataset, tmp_path_factory) -> dict[int, float]:
     return losses_by_step(reference)
 
 
+def test_every_stop_signal_is_caught_and_a_second_ctrl_c_aborts():
+    """SIGINT, SIGTERM and SIGUSR1 share one handler; the run below stops by SIGTERM (what Slurm
+    and schedulers send), the Slurm tests by SIGUSR1."""
+    import os
+
+    from pretrain.core.trainer import StopSignal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        stop = StopSignal()
+        try:
+            assert not stop.requested(world_size=1)
+            os.kill(os.getpid(), sig)
+            assert stop.requested(world_size=1) and stop.signum == sig
+            if sig == signal.SIGINT:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, uninterrupted, sig):
+def test_signal_checkpoints_and_rerun_resumes_exactly(dataset, tmp_path, uninterrupted):
+    sig = signal.SIGTERM
     import subprocess
     import sys
 
@@ -226,7 +247,7 @@ def test_resumed_run_logs_the_same_records_when_checkpoints_fall_between_log_lin
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 1])  # ZeRO-2 checks overflow in ZeRO-1's optimizer class
 def test_nonfinite_updates_are_skipped_counted_and_abort_when_persistent(dataset, tmp_path, zero_stage):
     from pretrain.core.trainer import EXIT_DIVERGED, NAN_AT_STEPS_ENV
 
