@@ -205,8 +205,33 @@ def render_table(all_results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_one(item) -> dict:
+    capability, dtype, ops = item
+    return check(capability, [dtype], ops)
+
+
+def _check_all(capabilities: list[int], dtypes: list[str], ops: list[str] | None, jobs: int) -> list[dict]:
+    """``check`` per target, its dtypes compiled in up to ``jobs`` processes at once: Triton's
+    compiler and ptxas are single-threaded, and a (target, dtype) pair shares no kernel with
+    another."""
+    items = [(cap, dtype, ops) for cap in capabilities for dtype in dtypes]
+    if jobs <= 1 or len(items) == 1:
+        return [check(cap, dtypes, ops) for cap in capabilities]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(jobs, len(items)), mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_check_one, items))
+    merged = []
+    for cap in capabilities:
+        mine = [r for (c, _, _), r in zip(items, parts) if c == cap]
+        merged.append({**mine[0], "kernels": [k for r in mine for k in r["kernels"]],
+                       "errors": [e for r in mine for e in r["errors"]]})
+    return merged
+
+
 def run(capabilities: list[int], dtypes=DTYPES, ops: list[str] | None = None,
-        out: str | None = None) -> int:
+        out: str | None = None, jobs: int = 1) -> int:
     """The ``check-kernels`` verb: 0 if every kernel compiles and fits every target, else 1."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("check-kernels compiles for a GPU: unset TRITON_INTERPRET (the interpreter "
@@ -219,7 +244,7 @@ def run(capabilities: list[int], dtypes=DTYPES, ops: list[str] | None = None,
     for cap in capabilities:
         if cap not in SHARED_BYTES:
             print(f"note: no shared-memory limit known for sm_{cap}: compiled, not checked for fit")
-    all_results = [check(cap, dtypes, ops) for cap in capabilities]
+    all_results = _check_all(capabilities, list(dtypes), ops, jobs)
     table = render_table(all_results)
     print(table)
     failures = sum(len(r["errors"]) + sum(bool(k["problems"]) for k in r["kernels"]) for r in all_results)
@@ -259,8 +284,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    choices=["rmsnorm", "swiglu", "rotary", "cross_entropy", "fim_attention", "selective_scan"],
                    help="default: all")
     p.add_argument("--out", default=None, help="also write OUT/results.json and OUT/table.md")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="(target, dtype) pairs compiled in parallel processes (default: the CPU count)")
     return p
 
 
 def main(args) -> int:
-    return run(args.arch, args.dtypes, args.ops, args.out)
+    if args.jobs < 1:
+        raise SystemExit("check-kernels: --jobs must be at least 1")
+    return run(args.arch, args.dtypes, args.ops, args.out, args.jobs)
