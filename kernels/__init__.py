@@ -18,8 +18,11 @@ def _source_tag() -> str:
     return "fractal-kernels-" + digest.hexdigest()[:16]
 
 
+SOURCE_TAG = _source_tag()  # also what `bench compare` checks before reusing an attention timing
+
+
 def _tag_compile_cache() -> None:
-    tag = _source_tag()
+    tag = SOURCE_TAG
     current = _compiler_config.cache_key_tag
     if tag not in current:
         _compiler_config.cache_key_tag = f"{current}+{tag}" if current else tag

@@ -178,6 +178,7 @@ def test_rerunning_a_comparison_reuses_finished_runs(dataset, tmp_path):
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "--- training" not in again.stdout
+    assert "--- attention scaling: reused" in again.stdout  # same code, settings and machine
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [r["reused"] for a in results["arms"].values() for r in a["runs"]] == [True, True]
 

@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -177,7 +177,6 @@ class CompareOptions:
 
 
 def run(options: CompareOptions, command: str) -> dict:
-    from pretrain.bench import attention
     from pretrain.research.compare_report import write_report
 
     o = options
@@ -206,10 +205,8 @@ def run(options: CompareOptions, command: str) -> dict:
     claims_arm = next((n for n in names[1:] if arms[n]["model"] == "fim_mistral"), None)
     scaling = None
     if claims_arm is not None:
-        shape = attention.Shape()  # a long-context geometry: B=64, b=4, top-2, 8 heads / 2 KV, d=64
-        print("--- attention scaling", flush=True)
-        scaling = attention.run(str(out_dir / "attention"), min_n=min(1024, attention_fit[0]),
-                                max_n=attention_max_n, shape=shape, fit_range=attention_fit)
+        scaling = attention_scaling(out_dir / "attention", min(1024, attention_fit[0]), attention_max_n,
+                                    attention_fit)
     results = {"benchmark": "compare", "command": command, "commit": provenance.commit(),
                "date": provenance.utc_now(), "hardware": provenance.hardware(),
                "datasets": {name: provenance.dataset(arm["data_path"]) for name, arm in arms.items()},
@@ -225,6 +222,38 @@ def run(options: CompareOptions, command: str) -> dict:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out_dir)
     return results
+
+
+def attention_scaling(out_dir: Path, min_n: int, max_n: int, fit_range: tuple[int, int]) -> dict:
+    """``bench attention`` at the FIM design's long-context geometry (B=64, b=4, top-2, 8 heads /
+    2 KV, d=64), or its last result in ``out_dir`` when that timed the same code (kernels/,
+    the attention dispatch and the benchmark itself; torch) with the same settings on this
+    machine: a comparison rerun to add seeds or arms does not re-time attention (minutes at the
+    default 16k). Delete ``out_dir`` to measure again."""
+    import kernels
+    from model import attention as model_attention
+    from pretrain.bench import attention
+
+    shape = attention.Shape()
+    code = hashlib.sha256(kernels.SOURCE_TAG.encode())
+    for module in (model_attention, attention):
+        code.update(Path(module.__file__).read_bytes())
+    hw = provenance.hardware()
+    key = {"shape": asdict(shape), "min_n": min_n, "max_n": max_n, "fit_range": list(fit_range),
+           "code": code.hexdigest()[:16], **{k: hw[k] for k in ("processor", "cpus", "torch", "threads", "gpu")}}
+    try:
+        previous = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous is not None and previous.get("reuse_key") == key:
+        print(f"--- attention scaling: reused {out_dir / 'results.json'} (same code, settings and machine)",
+              flush=True)
+        return previous
+    print("--- attention scaling", flush=True)
+    scaling = attention.run(str(out_dir), min_n=min_n, max_n=max_n, shape=shape, fit_range=tuple(fit_range))
+    scaling["reuse_key"] = key
+    (out_dir / "results.json").write_text(json.dumps(scaling, indent=2))
+    return scaling
 
 
 def _inspect(run_dir: str, png: Path) -> None:
