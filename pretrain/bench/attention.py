@@ -153,13 +153,14 @@ def plot(results: dict, path: Path) -> None:
 
 def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
         repeats: int = 3, memory_gb: float = 16.0, methods=METHODS,
-        fit_range: tuple[int, int] = (4096, 16384)) -> dict:
+        fit_range: tuple[int, int] = (4096, 16384), record: dict | None = None) -> dict:
+    """``record``: fields the caller stores in results.json beside the measurements."""
     import torch
 
     sizes = [2 ** e for e in range(int(math.log2(min_n)), int(math.log2(max_n)) + 1)]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"benchmark": "attention", "device": device, "shape": asdict(shape),
-               "repeats": repeats, "fit_range": list(fit_range), "methods": {}}
+               "repeats": repeats, "fit_range": list(fit_range), "methods": {}, **(record or {})}
     ctx = mp.get_context("spawn")
     print(f"{'method':>15} {'N':>7} {'fwd+bwd ms':>11} {'peak MB':>9}", flush=True)
     points = {method: [] for method in methods}

@@ -250,10 +250,8 @@ def attention_scaling(out_dir: Path, min_n: int, max_n: int, fit_range: tuple[in
               flush=True)
         return previous
     print("--- attention scaling", flush=True)
-    scaling = attention.run(str(out_dir), min_n=min_n, max_n=max_n, shape=shape, fit_range=tuple(fit_range))
-    scaling["reuse_key"] = key
-    (out_dir / "results.json").write_text(json.dumps(scaling, indent=2))
-    return scaling
+    return attention.run(str(out_dir), min_n=min_n, max_n=max_n, shape=shape, fit_range=tuple(fit_range),
+                         record={"reuse_key": key})
 
 
 def _inspect(run_dir: str, png: Path) -> None:
