@@ -3,6 +3,7 @@ checkpoints, and a clean stop on SIGINT / SIGTERM / SIGUSR1."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -106,13 +107,16 @@ def evaluate(engine, cfg: RunConfig, layout) -> dict:
     loader = validation_loader(cfg)
     totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
     engine.eval()
-    for i, batch in zip(range(cfg.train.eval_batches), loader):
-        if i % layout.dp != layout.dp_rank:
-            continue
-        labels = batch["labels"]
-        nll = eval_losses(engine, batch, layout.device, pipelined=layout.pp > 1)
-        totals += torch.stack([nll.cpu(), torch.tensor(labels.numel()),
-                               loader.target_bytes(labels).sum()]).double()
+    # a compiled model evaluates eagerly: compiling its no-grad graph (~20 s at the demo's shape)
+    # costs more than a few dozen eager batches
+    with torch.compiler.set_stance("force_eager") if cfg.train.compile else contextlib.nullcontext():
+        for i, batch in zip(range(cfg.train.eval_batches), loader):
+            if i % layout.dp != layout.dp_rank:
+                continue
+            labels = batch["labels"]
+            nll = eval_losses(engine, batch, layout.device, pipelined=layout.pp > 1)
+            totals += torch.stack([nll.cpu(), torch.tensor(labels.numel()),
+                                   loader.target_bytes(labels).sum()]).double()
     engine.train()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return scores(cfg, *totals.tolist())
