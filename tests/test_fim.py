@@ -145,15 +145,17 @@ def test_mask_documents_is_refused_for_fim():
 def test_bench_attention_writes_the_documented_shape(tmp_path):
     out = tmp_path / "bench"
     result = run_cli("-m", "pretrain", "bench", "attention", "--out", str(out), "--min-n", "128",
-                     "--max-n", "512", "--fit-range", "128", "512", "--repeats", "1",
+                     "--max-n", "512", "--fit-range", "128", "512", "--repeats", "1", "--sweeps", "2",
                      "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--block", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"dense", "sliding_window", "fim"}
+    assert set(results["methods"]) == {"dense", "sliding_window", "fim"} and results["sweeps"] == 2
     for entry in results["methods"].values():
-        assert isinstance(entry["exponent"], float)
+        low, high = entry["exponent_ci"]          # 6 samples over 3 sizes
+        assert isinstance(entry["exponent"], float) and low <= entry["exponent"] <= high
         assert [p["n"] for p in entry["points"]] == [128, 256, 512]
-        assert all(p["fwd_bwd_ms"] > 0 and p["peak_mb"] >= 0 for p in entry["points"])
+        assert all(p["fwd_bwd_ms"] > 0 and p["peak_mb"] >= 0 and len(p["sweeps_ms"]) == 2
+                   for p in entry["points"])
     assert (out / "attention_scaling.png").stat().st_size > 10_000
 
 

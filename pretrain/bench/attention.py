@@ -10,7 +10,10 @@ Each (method, N) point runs in a fresh spawned process so that its peak memory i
 CUDA ``torch.cuda.max_memory_allocated``; on CPU the rise of the peak resident set (Linux VmHWM,
 reset through /proc/self/clear_refs) over the resident set just before the first call. Times are the median of ``repeats``
 calls after one warm-up. The methods take turns at each N (not one whole sweep after another),
-so that their ratios at one N see the same load on a shared machine. A point that would not fit
+so that their ratios at one N see the same load on a shared machine. With ``sweeps`` > 1 the
+whole sweep is repeated, each point in a fresh process again: a point's time is the median over
+sweeps, and the fitted exponent gets a 95% confidence interval from every sweep's times (the
+run-to-run noise of a shared CPU is what makes a single fit flip a verdict). A point that would not fit
 (estimated memory over ``memory_gb``) or fails is recorded as skipped with the reason; the sweep
 goes on.
 """
@@ -121,13 +124,42 @@ def _child(args):
 
 def fit_exponent(points: list[dict], lo: int, hi: int) -> float | None:
     """Slope of log(time) against log(N) over lo <= N <= hi (least squares)."""
-    from scipy.stats import linregress
+    fit = fit_exponent_ci(points, lo, hi)
+    return None if fit is None else fit["exponent"]
 
-    sel = [p for p in points if lo <= p["n"] <= hi and "fwd_bwd_ms" in p]
-    if len(sel) < 2:
+
+def fit_exponent_ci(points: list[dict], lo: int, hi: int, level: float = 0.95) -> dict | None:
+    """The slope of log(time) against log(N) over lo <= N <= hi, least squares over every sweep's
+    time at every N (a point's ``sweeps_ms``, else its one time), with its ``level`` confidence
+    interval (Student t on the slope's standard error; None below 3 samples over 2 sizes)."""
+    from scipy.stats import linregress, t
+
+    xs, ys = [], []
+    for p in points:
+        if lo <= p["n"] <= hi and "fwd_bwd_ms" in p:
+            for ms in p.get("sweeps_ms", [p["fwd_bwd_ms"]]):
+                xs.append(math.log(p["n"]))
+                ys.append(math.log(ms))
+    if len(set(xs)) < 2:
         return None
-    return float(linregress([math.log(p["n"]) for p in sel],
-                            [math.log(p["fwd_bwd_ms"]) for p in sel]).slope)
+    fit = linregress(xs, ys)
+    out = {"exponent": float(fit.slope), "ci": None, "level": level, "samples": len(xs)}
+    if len(xs) >= 3:
+        half = float(t.ppf(0.5 + level / 2, len(xs) - 2) * fit.stderr)
+        out["ci"] = [float(fit.slope) - half, float(fit.slope) + half]
+    return out
+
+
+def _merge(samples: list[dict]) -> dict:
+    """One (method, N) point from its sweeps: the median time, the largest peak, every time kept."""
+    measured = [p for p in samples if "fwd_bwd_ms" in p]
+    if not measured:
+        return samples[0]
+    point = {"n": samples[0]["n"], "fwd_bwd_ms": statistics.median(p["fwd_bwd_ms"] for p in measured),
+             "peak_mb": max(p["peak_mb"] for p in measured)}
+    if len(samples) > 1:
+        point["sweeps_ms"] = [p["fwd_bwd_ms"] for p in measured]
+    return point
 
 
 def plot(results: dict, path: Path) -> None:
@@ -153,32 +185,37 @@ def plot(results: dict, path: Path) -> None:
 
 def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
         repeats: int = 3, memory_gb: float = 16.0, methods=METHODS,
-        fit_range: tuple[int, int] = (4096, 16384), record: dict | None = None) -> dict:
+        fit_range: tuple[int, int] = (4096, 16384), record: dict | None = None, sweeps: int = 1) -> dict:
     """``record``: fields the caller stores in results.json beside the measurements."""
     import torch
 
     sizes = [2 ** e for e in range(int(math.log2(min_n)), int(math.log2(max_n)) + 1)]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"benchmark": "attention", "device": device, "shape": asdict(shape),
-               "repeats": repeats, "fit_range": list(fit_range), "methods": {}, **(record or {})}
+               "repeats": repeats, "sweeps": sweeps, "fit_range": list(fit_range), "methods": {},
+               **(record or {})}
     ctx = mp.get_context("spawn")
-    print(f"{'method':>15} {'N':>7} {'fwd+bwd ms':>11} {'peak MB':>9}", flush=True)
-    points = {method: [] for method in methods}
-    for n in sizes:
-        for method in methods:
-            if _estimated_bytes(method, n, shape) > memory_gb * 2**30:
-                point = {"n": n, "skipped": f"estimated memory over --memory-gb {memory_gb}"}
-            else:
-                with ctx.Pool(1, maxtasksperchild=1) as pool:
-                    point = pool.apply(_child, ((method, n, shape, repeats),))
-            points[method].append(point)
-            if "skipped" in point:
-                print(f"{method:>15} {n:>7} skipped: {point['skipped']}", flush=True)
-            else:
-                print(f"{method:>15} {n:>7} {point['fwd_bwd_ms']:>11.1f} {point['peak_mb']:>9.1f}",
-                      flush=True)
+    print(f"{'sweep':>5} {'method':>15} {'N':>7} {'fwd+bwd ms':>11} {'peak MB':>9}", flush=True)
+    samples = {method: {n: [] for n in sizes} for method in methods}
+    for sweep in range(sweeps):
+        for n in sizes:
+            for method in methods:
+                if _estimated_bytes(method, n, shape) > memory_gb * 2**30:
+                    point = {"n": n, "skipped": f"estimated memory over --memory-gb {memory_gb}"}
+                else:
+                    with ctx.Pool(1, maxtasksperchild=1) as pool:
+                        point = pool.apply(_child, ((method, n, shape, repeats),))
+                samples[method][n].append(point)
+                if "skipped" in point:
+                    print(f"{sweep:>5} {method:>15} {n:>7} skipped: {point['skipped']}", flush=True)
+                else:
+                    print(f"{sweep:>5} {method:>15} {n:>7} {point['fwd_bwd_ms']:>11.1f} "
+                          f"{point['peak_mb']:>9.1f}", flush=True)
+    points = {method: [_merge(samples[method][n]) for n in sizes] for method in methods}
     for method in methods:
-        results["methods"][method] = {"exponent": fit_exponent(points[method], *fit_range),
+        fit = fit_exponent_ci(points[method], *fit_range)
+        results["methods"][method] = {"exponent": None if fit is None else fit["exponent"],
+                                      "exponent_ci": None if fit is None else fit["ci"],
                                       "points": points[method]}
     measured = {m: {p["n"]: p["fwd_bwd_ms"] for p in e["points"] if "fwd_bwd_ms" in p}
                 for m, e in results["methods"].items()}
@@ -192,7 +229,8 @@ def run(out: str, min_n: int = 1024, max_n: int = 32768, shape: Shape = Shape(),
     plot(results, out_dir / "attention_scaling.png")
     for m, e in results["methods"].items():
         exp = f"{e['exponent']:.3f}" if e["exponent"] is not None else "n/a"
-        print(f"{m}: fitted exponent {exp} over N in [{fit_range[0]}, {fit_range[1]}]")
+        ci = f" (95% CI {e['exponent_ci'][0]:.3f} to {e['exponent_ci'][1]:.3f})" if e["exponent_ci"] else ""
+        print(f"{m}: fitted exponent {exp}{ci} over N in [{fit_range[0]}, {fit_range[1]}]")
     for other in ("sliding_window", "fim", "dense_ours"):
         for n, ratio in results.get(f"{other}_over_dense", {}).items():
             print(f"{other} / dense at N={n}: {ratio:.3f}")
@@ -216,6 +254,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fit-range", type=int, nargs=2, default=[4096, 16384], metavar=("LO", "HI"),
                    help="N range of the exponent fit (default 4096 16384)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per point, median (default 3)")
+    p.add_argument("--sweeps", type=int, default=1,
+                   help="whole sweeps, each point in a fresh process each time: the point is their "
+                   "median and the exponent gets a 95%% confidence interval (default 1)")
     p.add_argument("--memory-gb", type=float, default=16.0,
                    help="skip points estimated to need more memory (default 16)")
     p.add_argument("--methods", nargs="+", default=["dense", "sliding_window", "fim"],
@@ -233,5 +274,5 @@ def main(args) -> int:
     shape = Shape(args.batch, args.heads, args.kv_heads, args.head_dim, args.window, args.block,
                   args.branching, args.top_k, args.dtype)
     run(args.out, args.min_n, args.max_n, shape, args.repeats, args.memory_gb, tuple(args.methods),
-        tuple(args.fit_range))
+        tuple(args.fit_range), sweeps=args.sweeps)
     return 0

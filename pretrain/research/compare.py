@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -174,6 +175,8 @@ class CompareOptions:
     contexts: list[int] = field(default_factory=lambda: [128, 256])   # retrieval task lengths
     attention_max_n: int = 16384
     attention_fit: tuple[int, int] = (4096, 16384)
+    attention_dir: str | None = None   # where the attention scaling lives (default OUT/attention)
+    attention_sweeps: int = 1          # fresh processes per N: >= 2 gives the exponent a confidence interval
 
 
 def run(options: CompareOptions, command: str) -> dict:
@@ -204,14 +207,16 @@ def run(options: CompareOptions, command: str) -> dict:
     # The attention scaling and the claims are those of the FIM design document: only with a FIM arm.
     claims_arm = next((n for n in names[1:] if arms[n]["model"] == "fim_mistral"), None)
     scaling = None
+    attention_dir = Path(o.attention_dir) if o.attention_dir else out_dir / "attention"
     if claims_arm is not None:
-        scaling = attention_scaling(out_dir / "attention", min(1024, attention_fit[0]), attention_max_n,
-                                    attention_fit)
+        scaling = attention_scaling(attention_dir, min(1024, attention_fit[0]), attention_max_n, attention_fit,
+                                    o.attention_sweeps)
     results = {"benchmark": "compare", "command": command, "commit": provenance.commit(),
                "date": provenance.utc_now(), "hardware": provenance.hardware(),
                "datasets": {name: provenance.dataset(arm["data_path"]) for name, arm in arms.items()},
                "baseline": base, "variants": names[1:], "claims_arm": claims_arm, "seeds": seeds,
-               "tokens": tokens, "contexts": contexts, "arms": arms, "attention": scaling}
+               "tokens": tokens, "contexts": contexts, "arms": arms, "attention": scaling,
+               "attention_path": os.path.relpath(attention_dir, out_dir)}
     results["claims"] = stats.claim_verdicts(results) if claims_arm is not None else []
     inspect_png = None
     if claims_arm is not None:
@@ -224,7 +229,8 @@ def run(options: CompareOptions, command: str) -> dict:
     return results
 
 
-def attention_scaling(out_dir: Path, min_n: int, max_n: int, fit_range: tuple[int, int]) -> dict:
+def attention_scaling(out_dir: Path, min_n: int, max_n: int, fit_range: tuple[int, int],
+                      sweeps: int = 1) -> dict:
     """``bench attention`` at the FIM design's long-context geometry (B=64, b=4, top-2, 8 heads /
     2 KV, d=64), or its last result in ``out_dir`` when that timed the same code (kernels/,
     the attention dispatch and the benchmark itself; torch) with the same settings on this
@@ -239,7 +245,7 @@ def attention_scaling(out_dir: Path, min_n: int, max_n: int, fit_range: tuple[in
     for module in (model_attention, attention):
         code.update(Path(module.__file__).read_bytes())
     hw = provenance.hardware()
-    key = {"shape": asdict(shape), "min_n": min_n, "max_n": max_n, "fit_range": list(fit_range),
+    key = {"shape": asdict(shape), "min_n": min_n, "max_n": max_n, "fit_range": list(fit_range), "sweeps": sweeps,
            "code": code.hexdigest()[:16], **{k: hw[k] for k in ("processor", "cpus", "torch", "threads", "gpu")}}
     try:
         previous = json.loads((out_dir / "results.json").read_text())
@@ -251,7 +257,7 @@ def attention_scaling(out_dir: Path, min_n: int, max_n: int, fit_range: tuple[in
         return previous
     print("--- attention scaling", flush=True)
     return attention.run(str(out_dir), min_n=min_n, max_n=max_n, shape=shape, fit_range=tuple(fit_range),
-                         record={"reuse_key": key})
+                         sweeps=sweeps, record={"reuse_key": key})
 
 
 def _inspect(run_dir: str, png: Path) -> None:
@@ -290,12 +296,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="largest N of the attention scaling benchmark (default 16384)")
     p.add_argument("--attention-fit", type=int, nargs=2, default=[4096, 16384], metavar=("LO", "HI"),
                    help="N range of the exponent fit (default 4096 16384)")
+    p.add_argument("--attention-sweeps", type=int, default=1,
+                   help="times each N is measured in a fresh process; >= 2 gives the fitted exponent a "
+                   "95%% confidence interval that the O(N log N) verdict uses (default 1)")
     return p
 
 
 def main(args) -> int:
     options = CompareOptions(args.baseline, args.variant, args.seeds, args.tokens, args.out, args.overrides,
-                             args.runs_dir, args.contexts, args.attention_max_n, tuple(args.attention_fit))
+                             args.runs_dir, args.contexts, args.attention_max_n, tuple(args.attention_fit),
+                             attention_sweeps=args.attention_sweeps)
     results = run(options, args.command)
     print(f"report: {Path(args.out) / 'report.md'} ({results['total_minutes']:.1f} min)")
     return 0

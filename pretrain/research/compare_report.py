@@ -47,23 +47,28 @@ def plot_tasks(results: dict, path: Path) -> None:
             ax.legend()
 
 
-def _attention_section(att: dict) -> list[str]:
+def _attention_section(att: dict, where: str = "attention") -> list[str]:
     shape = att["shape"]
+    sweeps = att.get("sweeps", 1)
     lines = ["### Attention scaling", "",
              f"Forward+backward of one attention call on {att['device']}, {shape['dtype']}, "
              f"batch {shape['batch']}, {shape['heads']} heads / {shape['kv_heads']} KV heads, "
              f"head dim {shape['head_dim']}; sliding window {shape['window']}; FIM block "
              f"{shape['block']}, branching {shape['branching']}, top-{shape['top_k']} "
              f"(`python -m pretrain bench attention`). Exponent: least-squares slope of log time "
-             f"against log N over N in {att['fit_range']}.", "",
+             f"against log N over N in {att['fit_range']}"
+             + (f"; each N timed in {sweeps} fresh processes (the median shown; the 95% confidence "
+                "interval from every sweep's times)." if sweeps > 1 else "."), "",
              "| method | exponent | " + " | ".join(
                  f"N={p['n']} ms" for p in att["methods"]["dense"]["points"]) + " |",
              "|---|---|" + "---|" * len(att["methods"]["dense"]["points"])]
     for method, entry in att["methods"].items():
         exponent = "n/a" if entry["exponent"] is None else f"{entry['exponent']:.3f}"
+        if entry.get("exponent_ci"):
+            exponent += f" [{entry['exponent_ci'][0]:.3f}, {entry['exponent_ci'][1]:.3f}]"
         cells = [f"{p['fwd_bwd_ms']:.1f}" if "fwd_bwd_ms" in p else "skipped" for p in entry["points"]]
         lines.append(f"| {method} | {exponent} | " + " | ".join(cells) + " |")
-    return lines + ["", "![attention scaling](attention/attention_scaling.png)", ""]
+    return lines + ["", f"![attention scaling]({where}/attention_scaling.png)", ""]
 
 
 def render(results: dict) -> str:
@@ -123,7 +128,7 @@ def render(results: dict) -> str:
                 lines.append(f"| {name} | {run['seed']} | " + " | ".join(cells) + " |")
         lines.append("")
     if results["attention"] is not None:
-        lines += _attention_section(results["attention"])
+        lines += _attention_section(results["attention"], results.get("attention_path", "attention"))
     if results["claims"]:
         lines += ["## Claims of the FIM design document", "",
                   f"Evidence from arm `{results['claims_arm']}` against `{base}`.", "",

@@ -8,7 +8,7 @@ import statistics
 SUPPORTED, NOT_SUPPORTED, NOT_MEASURABLE = "supported", "not supported", "not measurable at this scale"
 
 # Thresholds the verdicts use, written into every report.
-O_N_LOG_N_MAX_EXPONENT = 1.3      # a fitted time ~ N^e with e <= 1.3 over 4k-16k: N log N-like
+O_N_LOG_N_MAX_EXPONENT = 1.3      # time ~ N^e over the fit range; N log N is locally 1 + 1/ln N (1.10 at 16k)
 COMPUTE_REDUCTION_CLAIM = 0.40    # "~40-60% reduction": at least 40% less
 RETRIEVAL_GAIN_CLAIM = 0.25       # "~25-40% improvement": at least 25% relative
 RETRIEVAL_FLOOR = 0.05            # below this accuracy in both arms there is nothing to compare
@@ -43,20 +43,7 @@ def claim_verdicts(results: dict) -> list[dict]:
     arm = results["arms"][results["claims_arm"]]
     claims = []
 
-    scaling = results.get("attention", {}).get("methods", {})
-    fim_exp = scaling.get("fim", {}).get("exponent")
-    dense_exp = scaling.get("dense", {}).get("exponent")
-    if fim_exp is None:
-        claims.append(_claim("O(N log N) attention", "no attention scaling measurement",
-                             NOT_MEASURABLE, "bench attention did not run"))
-    else:
-        ok = fim_exp <= O_N_LOG_N_MAX_EXPONENT
-        claims.append(_claim(
-            "O(N log N) attention",
-            f"fitted time exponent {fim_exp:.2f} for FIM vs {dense_exp:.2f} for dense causal SDPA"
-            if dense_exp is not None else f"fitted time exponent {fim_exp:.2f} for FIM",
-            SUPPORTED if ok else NOT_SUPPORTED,
-            f"threshold: exponent <= {O_N_LOG_N_MAX_EXPONENT} over N in {results['attention']['fit_range']}"))
+    claims.append(_scaling_claim(results.get("attention") or {}))
 
     time_ratio = arm["seconds_per_token"]["mean"] / base["seconds_per_token"]["mean"]
     flop_ratio = arm["flops_per_token"] / base["flops_per_token"]
@@ -73,9 +60,7 @@ def claim_verdicts(results: dict) -> list[dict]:
         name = f"25-40% better retrieval ({task})"
         evidence = f"accuracy {v:.2f} vs baseline {b:.2f}"
         if max(b, v) < RETRIEVAL_FLOOR:
-            claims.append(_claim(name, evidence, NOT_MEASURABLE,
-                                 f"both arms below {RETRIEVAL_FLOOR:.0%} accuracy: the models are too "
-                                 "small or too briefly trained to retrieve at all"))
+            claims.append(_bits_claim(name, evidence, base["runs"], arm["runs"], task))
             continue
         gain = (v - b) / b if b > 0 else math.inf
         claims.append(_claim(name, f"{evidence} ({gain:+.0%} relative)" if b > 0 else evidence,
@@ -86,6 +71,60 @@ def claim_verdicts(results: dict) -> list[dict]:
                          "(inspect-attention plot in this report)", NOT_MEASURABLE,
                          "no agreed quantitative measure; the plot is evidence to look at, not a score"))
     return claims
+
+
+def _scaling_claim(attention: dict) -> dict:
+    """Supported when the fitted exponent, and with repeated sweeps its whole 95% confidence
+    interval, is at most O_N_LOG_N_MAX_EXPONENT; an interval reaching past it does not show the claim."""
+    name = "O(N log N) attention"
+    methods = attention.get("methods", {})
+    fim, dense = methods.get("fim", {}), methods.get("dense", {})
+    if fim.get("exponent") is None:
+        return _claim(name, "no attention scaling measurement", NOT_MEASURABLE, "bench attention did not run")
+
+    def shown(entry: dict) -> str:
+        ci = entry.get("exponent_ci")
+        return f"{entry['exponent']:.2f}" + (f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
+
+    evidence = f"fitted time exponent {shown(fim)} for FIM"
+    if dense.get("exponent") is not None:
+        evidence += f" vs {shown(dense)} for dense causal SDPA"
+    sweeps = attention.get("sweeps", 1)
+    evidence += f"; {sweeps} sweep{'s' if sweeps > 1 else ''} of fresh processes per N"
+    ci = fim.get("exponent_ci")
+    high = ci[1] if ci else fim["exponent"]
+    reason = f"threshold: exponent <= {O_N_LOG_N_MAX_EXPONENT} over N in {attention['fit_range']}"
+    if ci:
+        reason += " for the whole confidence interval"
+        if ci[0] <= O_N_LOG_N_MAX_EXPONENT < ci[1]:
+            reason += " (it straddles the threshold: more sweeps or sizes would narrow it)"
+    return _claim(name, evidence, SUPPORTED if high <= O_N_LOG_N_MAX_EXPONENT else NOT_SUPPORTED, reason)
+
+
+def run_answer_bits(run: dict, task: str) -> float | None:
+    """A run's bits per answer token on ``task``, averaged over the context lengths it was scored at."""
+    by_context = run["tasks"].get("answer_bits", {}).get(task, {})
+    return statistics.fmean(by_context.values()) if by_context else None
+
+
+def _bits_claim(name: str, evidence: str, base_runs: list[dict], arm_runs: list[dict], task: str) -> dict:
+    """Below the accuracy floor the claim is judged on the answer's bits per token, which fall
+    before accuracy rises: supported when the variant's are at least RETRIEVAL_GAIN_CLAIM lower
+    than the baseline's and Welch's test over seeds says the difference is not noise."""
+    base_bits = [run_answer_bits(r, task) for r in base_runs]
+    arm_bits = [run_answer_bits(r, task) for r in arm_runs]
+    if None in base_bits or None in arm_bits:
+        return _claim(name, evidence, NOT_MEASURABLE,
+                      f"both arms below {RETRIEVAL_FLOOR:.0%} accuracy and no answer bits recorded")
+    b, v = statistics.fmean(base_bits), statistics.fmean(arm_bits)
+    gain = (b - v) / b
+    p = welch(arm_bits, base_bits)["p"]
+    evidence += (f"; answer bits per token {v:.3f} vs baseline {b:.3f} ({gain:+.0%} fewer bits, "
+                 f"Welch p = {'n/a' if p is None else f'{p:.3g}'})")
+    ok = gain >= RETRIEVAL_GAIN_CLAIM and p is not None and p < ALPHA
+    return _claim(name, evidence, SUPPORTED if ok else NOT_SUPPORTED,
+                  f"both arms below {RETRIEVAL_FLOOR:.0%} accuracy, so judged on answer bits: threshold "
+                  f"at least {RETRIEVAL_GAIN_CLAIM:.0%} fewer bits than the baseline with p < {ALPHA}")
 
 
 def _claim(claim: str, evidence: str, verdict: str, reason: str) -> dict:
