@@ -34,6 +34,7 @@ BENCHMARKS = {   # `bench <what>`
     "prepare": ("pretrain.bench.prepare", "data_pipeline prepare vs datatrove: MB/s at 1 and 2 workers, peak RSS"),
     "compare": ("pretrain.research.compare", "baseline vs variants at equal data and budget -> report.md"),
     "recall": ("pretrain.research.recall", "MQAR (Zoology): dense vs window vs FIM attention trained on the task"),
+    "long-context": ("pretrain.research.long_context", "baseline vs FIM trained at several context lengths -> one report"),
 }
 
 

@@ -4,8 +4,10 @@ import copy
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 from scipy import stats as sps
 
 from pretrain.research import stats
@@ -31,14 +33,16 @@ def test_summary_and_welch_match_scipy():
 
 
 def fabricated(fim_exp=1.1, dense_exp=1.9, base_spt=1e-4, fim_spt=1.2e-4, base_acc=(0.0, 0.0),
-               fim_acc=(0.0, 0.0)) -> dict:
+               fim_acc=(0.0, 0.0), fim_bits_scale=1.0) -> dict:
     def arm(name, model, spt, acc, bpb, bits=(3.4375, 4.8125)):
+        # per-seed answer bits: +-0.0625 around the arm's value (the tests need a variance)
         runs = [{"seed": s, "run_dir": f"runs/{name}-{s}", "reused": False, "bpb": bpb[s],
                  "tokens": 1000, "elapsed_s": spt * 1000, "seconds_per_token": spt,
                  "tokens_per_s": 1 / spt, "mfu": 0.5, "peak_mem_mb": 500.0,
                  "curve": [{"tokens": 0, "bpb": 8.1}, {"tokens": 1000, "bpb": bpb[s]}],
                  "tasks": {"contexts": [128], "passkey": {"128": acc[0]}, "mqar": {"128": acc[1]},
-                           "answer_bits": {"passkey": {"128": bits[0]}, "mqar": {"128": bits[1]}}}}
+                           "answer_bits": {"passkey": {"128": bits[0] + (2 * s - 1) / 16},
+                                           "mqar": {"128": bits[1] + (2 * s - 1) / 16}}}}
                 for s in range(2)]
         out = {"name": name, "config": f"configs/{name}.yaml", "model": model, "params": 3210000,
                "flops_per_token": 2.0e7 if model == "mistral" else 1.9e7,
@@ -47,12 +51,14 @@ def fabricated(fim_exp=1.1, dense_exp=1.9, base_spt=1e-4, fim_spt=1.2e-4, base_a
             out[key] = stats.summarize([r[key] for r in runs])
         out["tasks"] = {t: {"accuracy": stats.summarize([acc[i]] * 2),
                             "by_context": {"128": stats.summarize([acc[i]] * 2)},
-                            "bits_by_context": {"128": stats.summarize([bits[i]] * 2)}}
+                            "bits_by_context": {"128": stats.summarize(
+                                [r["tasks"]["answer_bits"][t]["128"] for r in runs])}}
                         for i, t in enumerate(("passkey", "mqar"))}
         return out
 
+    fim_bits = (3.4375 * fim_bits_scale, 4.8125 * fim_bits_scale)
     arms = {"mistral": arm("mistral", "mistral", base_spt, base_acc, [2.65, 2.69]),
-            "fim_mistral": arm("fim_mistral", "fim_mistral", fim_spt, fim_acc, [2.71, 2.76])}
+            "fim_mistral": arm("fim_mistral", "fim_mistral", fim_spt, fim_acc, [2.71, 2.76], fim_bits)}
     arms["fim_mistral"]["welch_bpb"] = stats.welch(arms["fim_mistral"]["bpb"]["values"],
                                                    arms["mistral"]["bpb"]["values"])
     points = [{"n": n, "fwd_bwd_ms": n / 100, "peak_mb": 10.0} for n in (1024, 2048, 4096)]
@@ -81,8 +87,20 @@ def test_claim_verdicts_follow_the_thresholds():
     v = verdicts(fabricated())
     assert v["O(N log N) attention"] == stats.SUPPORTED
     assert v["40-60% compute reduction"] == stats.NOT_SUPPORTED          # 20% slower
-    assert v["25-40% better retrieval (passkey)"] == stats.NOT_MEASURABLE  # both at zero
+    assert v["25-40% better retrieval (passkey)"] == stats.NOT_SUPPORTED  # both at zero, same bits
     assert v["interpretability"] == stats.NOT_MEASURABLE
+
+    # both at zero accuracy: judged on answer bits, 30% fewer with p < 0.05 (mqar: 4.8 -> 3.4 bits)
+    v = verdicts(fabricated(fim_bits_scale=0.7))
+    assert v["25-40% better retrieval (passkey)"] == stats.SUPPORTED
+    v = verdicts(fabricated(fim_bits_scale=0.8))                         # 20% fewer: under the claim
+    assert v["25-40% better retrieval (mqar)"] == stats.NOT_SUPPORTED
+    no_bits = fabricated()
+    for arm in no_bits["arms"].values():
+        for run in arm["runs"]:
+            del run["tasks"]["answer_bits"]
+    no_bits["claims"] = stats.claim_verdicts(no_bits)
+    assert verdicts(no_bits)["25-40% better retrieval (passkey)"] == stats.NOT_MEASURABLE
 
     v = verdicts(fabricated(fim_exp=1.35, fim_spt=0.5e-4, base_acc=(0.4, 0.2), fim_acc=(0.52, 0.22)))
     assert v["O(N log N) attention"] == stats.NOT_SUPPORTED
@@ -123,7 +141,7 @@ def test_every_number_in_the_report_is_in_results_json():
                     "## Claims of the FIM design document", "## Reproduce", "bpb_vs_tokens.png",
                     "tasks.png", "attention_scaling.png", "fim_attention.png"):
         assert section in report
-    assert "| mistral | passkey bits | 3.44 ± 0.00 | n/a (> seq length) |" in report
+    assert "| mistral | passkey bits | 3.44 ± 0.09 | n/a (> seq length) |" in report
     known = list(_values(results))
     prose = re.sub(r"!\[[^]]*\]\([^)]*\)|`[^`]*`", "", report)  # image links, code (paths)
     for tok in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?%?", prose):
@@ -274,3 +292,102 @@ def test_run_hash_and_report_name_the_dataset(tmp_path, text_corpus):
     assert config_hash(cfg) != first
     assert provenance.dataset(data)["manifest_sha256"] != described["manifest_sha256"]
     assert "manifest" in provenance.describe_dataset(described)
+
+
+def test_the_scaling_verdict_needs_the_whole_confidence_interval_under_the_threshold():
+    results = fabricated(fim_exp=1.2)
+    fim = results["attention"]["methods"]["fim"]
+    for ci, expected in (([1.12, 1.28], stats.SUPPORTED), ([1.05, 1.35], stats.NOT_SUPPORTED),
+                         ([1.32, 1.40], stats.NOT_SUPPORTED)):
+        fim["exponent_ci"] = ci
+        results["attention"]["sweeps"] = 3
+        claim = next(c for c in stats.claim_verdicts(results) if c["claim"] == "O(N log N) attention")
+        assert claim["verdict"] == expected, ci
+        assert f"95% CI {ci[0]:.2f} to {ci[1]:.2f}" in claim["evidence"]
+        assert ("straddles" in claim["reason"]) == (ci == [1.05, 1.35])
+
+
+def test_the_exponent_fit_pools_every_sweep_into_a_confidence_interval():
+    from pretrain.bench.attention import _merge, fit_exponent_ci
+
+    sizes = (4096, 8192, 16384, 32768)
+    exact = [{"n": n, "fwd_bwd_ms": 1e-3 * n ** 1.2, "peak_mb": 1.0} for n in sizes]
+    fit = fit_exponent_ci(exact, 4096, 32768)
+    assert fit["exponent"] == pytest.approx(1.2) and fit["ci"] == pytest.approx([1.2, 1.2])
+    # three sweeps with +-10% noise: the median is the point, the interval covers the true slope
+    noisy = [_merge([{"n": n, "fwd_bwd_ms": 1e-3 * n ** 1.2 * f, "peak_mb": f} for f in (0.9, 1.0, 1.1 + i / 100)])
+             for i, n in enumerate(sizes)]
+    assert noisy[0]["fwd_bwd_ms"] == pytest.approx(1e-3 * 4096 ** 1.2) and noisy[0]["peak_mb"] == 1.1
+    fit = fit_exponent_ci(noisy, 4096, 32768)
+    assert fit["samples"] == 12 and fit["ci"][0] < 1.2 < fit["ci"][1] and fit["ci"][1] - fit["ci"][0] < 0.2
+    assert fit_exponent_ci(exact, 4096, 4096) is None          # one size: no slope
+    assert _merge([{"n": 8, "skipped": "too big"}]) == {"n": 8, "skipped": "too big"}
+
+
+def test_the_long_context_report_sets_lengths_side_by_side_and_judges_the_8k_target():
+    from pretrain.research import long_context
+
+    spec = long_context.load_spec(ROOT / "configs" / "long_context" / "spec.yaml")
+    assert [c.length for c in spec.contexts] == [256, 2048, 8192] and spec.seeds >= 3
+    assert spec.shared_overrides(spec.contexts[2])[-2:] == ["model.seq_length=8192", "train.micro_batch_size=1"]
+    contexts = {}
+    for length, fim_spt in ((256, 1.2e-4), (2048, 0.8e-4), (8192, 0.45e-4)):
+        sub = json.loads(json.dumps(fabricated(fim_spt=fim_spt)))
+        contexts[str(length)] = long_context.summarize_context(sub, f"ctx{length}")
+    results = {"benchmark": "long_context", "command": "python -m pretrain bench long-context ...",
+               "seeds": 2, "tokens": 1000, "tokens_per_step": 8192, "contexts": contexts,
+               "attention": {}, "total_minutes": 30.5,
+               **{k: fabricated()[k] for k in ("commit", "date", "hardware")}}
+    report = long_context.render(results)
+    assert contexts["8192"]["speedup"] == pytest.approx(1e-4 / 0.45e-4)
+    assert "| 8,192 | mistral | fim_mistral | 10,000 ± 0 | 22,222 ± 0 | 2.22x" in report
+    assert "at 8,192 tokens: **met** (2.22x)" in report
+    assert report.count("| O(N log N) attention |") == 3 and "[2,048](ctx2048/report.md)" in report
+    contexts["8192"]["speedup"] = 1.5
+    assert "**not met** (1.50x)" in long_context.render(results)
+
+
+def test_a_long_context_spec_names_what_is_wrong(tmp_path):
+    from pretrain.core.config import ConfigError
+    from pretrain.research import long_context
+
+    good = (ROOT / "configs" / "long_context" / "spec.yaml").read_text()
+    for bad, message in ((good.replace("length: 2048", "length: 3000"), "length 3000 must divide"),
+                         (good.replace("seeds: 3", "seed: 3"), "seed"),
+                         (good.replace("[model.sliding_window=1024]", "[model.sliding_windw=1024]"),
+                          "sliding_windw")):
+        path = tmp_path / "spec.yaml"
+        path.write_text(bad.replace("configs/long_context/", str(ROOT / "configs" / "long_context") + "/"))
+        with pytest.raises(ConfigError, match=message):
+            long_context.load_spec(path)
+
+
+@pytest.mark.integration
+def test_bench_long_context_trains_every_length_and_times_attention_once(dataset, tmp_path):
+    spec = {"baseline": str(ROOT / "configs" / "long_context" / "mistral.yaml"),
+            "variant": str(ROOT / "configs" / "long_context" / "fim_mistral.yaml"),
+            "seeds": 1, "tokens": 512, "tokens_per_step": 256,
+            "overrides": [f"data.path={dataset}", "model.num_layers=1", "model.hidden_size=32",
+                          "model.num_attention_heads=2", "model.num_query_groups=1",
+                          "model.ffn_hidden_size=64", "train.eval_batches=1", "optim.warmup_steps=1"],
+            "contexts": [{"length": 128, "baseline": ["model.sliding_window=64"],
+                          "variant": ["model.fim.block_size=16", "model.fim.branching=2"]},
+                         {"length": 256, "baseline": ["model.sliding_window=128"],
+                          "variant": ["model.fim.block_size=32", "model.fim.branching=2"]}],
+            "attention": {"max_n": 512, "fit": [256, 512], "sweeps": 2}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "report"
+    result = run_cli("-m", "pretrain", "bench", "long-context", "--spec", str(tmp_path / "spec.yaml"),
+                     "--out", str(out), "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("--- attention scaling: reused") == 1   # timed at the first length only
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["contexts"]) == ["128", "256"] and results["attention"]["sweeps"] == 2
+    for length, entry in results["contexts"].items():
+        sub = json.loads((out / f"ctx{length}" / "results.json").read_text())
+        assert {a["runs"][0]["tokens"] for a in sub["arms"].values()} == {512}   # equal tokens per arm
+        saved = yaml.safe_load(Path(sub["arms"][sub["baseline"]]["runs"][0]["run_dir"], "config.yaml").read_text())
+        assert saved["model"]["seq_length"] == int(length) and saved["train"]["micro_batch_size"] == 256 // int(length)
+        assert entry["speedup"] > 0 and len(entry["claims"]) == 5
+        assert "](../attention/attention_scaling.png)" in (out / f"ctx{length}" / "report.md").read_text()
+    assert "| 256 | O(N log N) attention |" in (out / "report.md").read_text()
