@@ -32,6 +32,7 @@ class TaskExample:
     input_ids: np.ndarray                    # the whole sequence, answers included
     answers: list[tuple[int, int]]           # (start, length) spans inside input_ids
     setting: dict = field(default_factory=dict)
+    needle: tuple[int, int] | None = None     # passkey: the [start, end) span stating the key
 
 
 def _ids(tokenizer, text: str) -> np.ndarray:
@@ -56,8 +57,10 @@ def passkey_examples(tokenizer, context_len: int, depths=(0.0, 0.25, 0.5, 0.75, 
             before = int(round(depth * repeats))
             ids = np.concatenate([np.tile(filler, before), needle, np.tile(filler, repeats - before),
                                   question, answer])
+            start = before * filler.size
             examples.append(TaskExample("passkey", ids, [(ids.size - answer.size, answer.size)],
-                                        {"context_len": context_len, "depth": depth}))
+                                        {"context_len": context_len, "depth": depth},
+                                        needle=(start, start + needle.size)))
     return examples
 
 

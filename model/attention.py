@@ -63,7 +63,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 
 class SlidingWindowCoreAttention(nn.Module):
-    """Drop-in for megatron's DotProductAttention (no dropout: pretraining runs without it)."""
+    """Drop-in for megatron's DotProductAttention (no dropout: pretraining runs without it).
+    ``capture`` (a list, set by the interpretability proxy) receives this layer's q and k."""
 
     def __init__(self, config, layer_number: int = 1, attn_mask_type=None, attention_type=None,
                  *, sliding_window: int = 0, backend: str = "sdpa", **kwargs):
@@ -72,10 +73,13 @@ class SlidingWindowCoreAttention(nn.Module):
         self.sliding_window = sliding_window
         self.backend = backend
         self.kv_cache = None  # lent for one step by incremental decoding (model/mistral/decode.py)
+        self.capture: list | None = None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.capture is not None:
+            self.capture.append((q.detach(), k.detach()))
         if self.kv_cache is not None:
             out = self.kv_cache.attend(q, k, v)
         else:

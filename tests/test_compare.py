@@ -391,3 +391,19 @@ def test_bench_long_context_trains_every_length_and_times_attention_once(dataset
         assert entry["speedup"] > 0 and len(entry["claims"]) == 5
         assert "](../attention/attention_scaling.png)" in (out / f"ctx{length}" / "report.md").read_text()
     assert "| 256 | O(N log N) attention |" in (out / "report.md").read_text()
+
+
+def test_the_interpretability_verdict_reads_the_needle_attention_proxy():
+    def with_needle(base, fim):
+        results = fabricated()
+        for name, values in (("mistral", base), ("fim_mistral", fim)):
+            results["arms"][name]["needle_mass"] = {"mean_over_contexts": stats.summarize(values),
+                                                    "by_context": {"128": stats.summarize(values)}}
+        results["claims"] = stats.claim_verdicts(results)
+        return results
+
+    results = with_needle([0.20, 0.22], [0.30, 0.31])                    # 1.45x, p < 0.05
+    assert verdicts(results)["interpretability"] == stats.SUPPORTED
+    assert "| fim_mistral | needle attention | 0.305 ± 0.007 | n/a (> seq length) |" in render(results)
+    assert verdicts(with_needle([0.20, 0.22], [0.24, 0.25]))["interpretability"] == stats.NOT_SUPPORTED  # 1.17x
+    assert verdicts(with_needle([0.10, 0.30], [0.30, 0.31]))["interpretability"] == stats.NOT_SUPPORTED  # noise

@@ -96,7 +96,7 @@ def task_scores(run_dir: Path, contexts: list[int], seed: int = 0) -> dict:
     cache = run_dir / "tasks.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("contexts") == contexts and "answer_bits" in cached:
+        if cached.get("contexts") == contexts and "answer_bits" in cached and "needle_mass" in cached:
             return cached
     import torch
 
@@ -114,8 +114,24 @@ def task_scores(run_dir: Path, contexts: list[int], seed: int = 0) -> dict:
                 scored = score(examples, logits)
                 result[task][str(c)] = scored["accuracy"]
                 result["answer_bits"][task][str(c)] = scored["answer_bits"]
+    result["needle_mass"] = needle_masses(gen, usable, seed)
     cache.write_text(json.dumps(result, indent=2))
     return result
+
+
+def needle_masses(gen, contexts: list[int], seed: int) -> dict:
+    """The interpretability proxy per context length (pretrain/research/interpretability.py), on
+    passkey prompts of min(context, its PROMPT_LIMIT) tokens; empty for a family whose core
+    attentions do not capture q and k."""
+    from data_pipeline.tasks import passkey_examples
+    from pretrain.research.interpretability import PROMPT_LIMIT, needle_mass
+
+    cores = getattr(gen.model, "core_attentions", lambda: [])()
+    if not cores or not all(hasattr(core, "capture") for core in cores):
+        return {}
+    return {str(c): needle_mass(gen.model, passkey_examples(gen.tokenizer, min(c, PROMPT_LIMIT), per_depth=2,
+                                                            seed=seed))["needle_mass"]
+            for c in contexts}
 
 
 def run_summary(cfg: RunConfig, run_dir: Path, reused: bool, contexts: list[int]) -> dict:
@@ -159,6 +175,10 @@ def aggregate(name: str, config_path: str, cfg: RunConfig, runs: list[dict]) -> 
                 for c in contexts}
         arm["tasks"][task] = {"accuracy": stats.summarize(overall), "by_context": by_context,
                               "bits_by_context": bits}
+    needle = [r["tasks"].get("needle_mass") for r in runs]
+    if all(needle):
+        arm["needle_mass"] = {"mean_over_contexts": stats.summarize([sum(m.values()) / len(m) for m in needle]),
+                              "by_context": {c: stats.summarize([m[c] for m in needle]) for c in needle[0]}}
     return arm
 
 

@@ -114,7 +114,14 @@ def render(results: dict) -> str:
                 cells = [_pm(by[str(c)], fmt) if str(c) in by else "n/a (> seq length)"
                          for c in results["contexts"]]
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", "![retrieval accuracy against context length](tasks.png)", ""]
+        if "needle_mass" in arm:
+            by = arm["needle_mass"]["by_context"]
+            cells = [_pm(by[str(c)], ".3f") if str(c) in by else "n/a (> seq length)" for c in results["contexts"]]
+            lines.append(f"| {name} | needle attention | " + " | ".join(cells) + " |")
+    lines += ["", "Needle attention (the interpretability proxy): the attention weight that the queries "
+              "predicting the pass key put on the sentence stating it, best layer and head, mean over "
+              "prompts (definition: `pretrain/research/interpretability.py`).", "",
+              "![retrieval accuracy against context length](tasks.png)", ""]
     levels = {name: arm for name, arm in arms.items() if arm["runs"][0].get("level_losses")}
     if levels:
         keys = sorted(next(iter(levels.values()))["runs"][0]["level_losses"])

@@ -12,6 +12,7 @@ O_N_LOG_N_MAX_EXPONENT = 1.3      # time ~ N^e over the fit range; N log N is lo
 COMPUTE_REDUCTION_CLAIM = 0.40    # "~40-60% reduction": at least 40% less
 RETRIEVAL_GAIN_CLAIM = 0.25       # "~25-40% improvement": at least 25% relative
 RETRIEVAL_FLOOR = 0.05            # below this accuracy in both arms there is nothing to compare
+INTERPRETABILITY_GAIN = 0.25      # the proxy: at least 25% more attention on the needle
 ALPHA = 0.05
 
 
@@ -67,10 +68,29 @@ def claim_verdicts(results: dict) -> list[dict]:
                              SUPPORTED if gain >= RETRIEVAL_GAIN_CLAIM else NOT_SUPPORTED,
                              f"threshold: at least {RETRIEVAL_GAIN_CLAIM:.0%} relative gain"))
 
-    claims.append(_claim("interpretability", "attention mass per branch and level, routed blocks "
-                         "(inspect-attention plot in this report)", NOT_MEASURABLE,
-                         "no agreed quantitative measure; the plot is evidence to look at, not a score"))
+    claims.append(_interpretability_claim(base, arm))
     return claims
+
+
+def _interpretability_claim(base: dict, arm: dict) -> dict:
+    """The proxy of pretrain/research/interpretability.py: the attention the answer's queries put
+    on the passkey needle (best layer and head), per seed averaged over context lengths."""
+    name = "interpretability"
+    if "needle_mass" not in base or "needle_mass" not in arm:
+        return _claim(name, "no needle attention measured", NOT_MEASURABLE,
+                      "an arm's family does not expose its attention weights (core attentions without capture)")
+    b_vals = base["needle_mass"]["mean_over_contexts"]["values"]
+    v_vals = arm["needle_mass"]["mean_over_contexts"]["values"]
+    b, v = statistics.fmean(b_vals), statistics.fmean(v_vals)
+    p = welch(v_vals, b_vals)["p"]
+    ratio = v / b if b > 0 else math.inf
+    evidence = (f"proxy: attention of the answer's queries on the passkey needle (best layer and head) "
+                f"{v:.3f} vs baseline {b:.3f} ({ratio:.2f}x, Welch p = {'n/a' if p is None else f'{p:.3g}'})")
+    ok = ratio >= 1 + INTERPRETABILITY_GAIN and p is not None and p < ALPHA
+    return _claim(name, evidence, SUPPORTED if ok else NOT_SUPPORTED,
+                  f"threshold: at least {INTERPRETABILITY_GAIN:.0%} more attention on the needle than the "
+                  f"baseline with p < {ALPHA} (a stand-in for interpretability, defined in "
+                  "pretrain/research/interpretability.py)")
 
 
 def _scaling_claim(attention: dict) -> dict:
