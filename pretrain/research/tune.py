@@ -209,7 +209,7 @@ TUNE_EPILOG = """\
 examples:
   python -m pretrain tune --config configs/tune/pbt_tiny.yaml --out runs/tune-pbt
   python -m pretrain tune --config configs/tune/pbt_tiny.yaml --out runs/tune-pbt --resume
-  python -m pretrain tune --config configs/tune/asha_tiny.yaml --address auto   # a running cluster
+  python -m pretrain tune --config configs/tune/demo_tiny.yaml --address auto   # a running cluster
   sbatch --nodes 2 slurm/ray_cluster.sbatch python -m pretrain tune --config ... --address auto
 
 The tune YAML names a base run config, overrides for every trial, the search space (any dotted
