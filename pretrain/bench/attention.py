@@ -122,12 +122,6 @@ def _child(args):
         return {"n": n, "skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
 
-def fit_exponent(points: list[dict], lo: int, hi: int) -> float | None:
-    """Slope of log(time) against log(N) over lo <= N <= hi (least squares)."""
-    fit = fit_exponent_ci(points, lo, hi)
-    return None if fit is None else fit["exponent"]
-
-
 def fit_exponent_ci(points: list[dict], lo: int, hi: int, level: float = 0.95) -> dict | None:
     """The slope of log(time) against log(N) over lo <= N <= hi, least squares over every sweep's
     time at every N (a point's ``sweeps_ms``, else its one time), with its ``level`` confidence

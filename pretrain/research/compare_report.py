@@ -71,6 +71,11 @@ def _attention_section(att: dict, where: str = "attention") -> list[str]:
     return lines + ["", f"![attention scaling]({where}/attention_scaling.png)", ""]
 
 
+def _context_row(arm: str, label: str, by: dict, contexts: list[int], fmt: str) -> str:
+    cells = [_pm(by[str(c)], fmt) if str(c) in by else "n/a (> seq length)" for c in contexts]
+    return f"| {arm} | {label} | " + " | ".join(cells) + " |"
+
+
 def render(results: dict) -> str:
     arms, base = results["arms"], results["baseline"]
     hw = results["hardware"]
@@ -111,13 +116,10 @@ def render(results: dict) -> str:
                 by = arm["tasks"][task].get(key)
                 if by is None:   # results written before answer bits were recorded
                     continue
-                cells = [_pm(by[str(c)], fmt) if str(c) in by else "n/a (> seq length)"
-                         for c in results["contexts"]]
-                lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+                lines.append(_context_row(name, label, by, results["contexts"], fmt))
         if "needle_mass" in arm:
-            by = arm["needle_mass"]["by_context"]
-            cells = [_pm(by[str(c)], ".3f") if str(c) in by else "n/a (> seq length)" for c in results["contexts"]]
-            lines.append(f"| {name} | needle attention | " + " | ".join(cells) + " |")
+            lines.append(_context_row(name, "needle attention", arm["needle_mass"]["by_context"],
+                                      results["contexts"], ".3f"))
     lines += ["", "Needle attention (the interpretability proxy): the attention weight that the queries "
               "predicting the pass key put on the sentence stating it, best layer and head, mean over "
               "prompts (definition: `pretrain/research/interpretability.py`).", "",

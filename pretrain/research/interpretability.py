@@ -42,10 +42,11 @@ def needle_mass(model, examples) -> dict:
         start, length = ex.answers[0]
         rows = torch.arange(start - 1, start + length - 1)
         lo, hi = ex.needle
-        masses = [_mass_on(core, q.double(), k.double(), rows, lo, hi) for core, (q, k) in zip(cores, captured)]
-        best.append(max(float(m.max()) for m in masses))
-        for i, m in enumerate(masses):
-            per_layer[i] += float(m.max()) / len(examples)
+        layer_best = [float(_mass_on(core, q.double(), k.double(), rows, lo, hi).max())
+                      for core, (q, k) in zip(cores, captured)]
+        best.append(max(layer_best))
+        for i, m in enumerate(layer_best):
+            per_layer[i] += m / len(examples)
     return {"needle_mass": sum(best) / len(best), "per_layer": per_layer, "prompts": len(examples)}
 
 

@@ -89,9 +89,12 @@ def run(spec: LongContextSpec, out: str, runs_dir: str, command: str, seeds: int
     start = time.time()
     seeds = seeds or spec.seeds
     per_context = {}
+
+    def arm(path: str, sets: list[str]) -> str:   # compare's PATH:KEY=VALUE,... arm
+        return f"{path}:{','.join(sets)}" if sets else path
+
     for c in spec.contexts:
         print(f"=== context {c.length}: {spec.tokens:,} tokens per run, {seeds} seeds per arm", flush=True)
-        arm = lambda path, sets: f"{path}:{','.join(sets)}" if sets else path  # noqa: E731
         options = compare.CompareOptions(
             arm(spec.baseline, c.baseline), [arm(spec.variant, c.variant)], seeds, spec.tokens,
             str(out_dir / f"ctx{c.length}"), spec.shared_overrides(c), runs_dir, contexts=[c.length],
@@ -124,16 +127,12 @@ def summarize_context(results: dict, subdir: str) -> dict:
             "claims": results["claims"]}
 
 
-def _pm(s: dict, fmt: str) -> str:
-    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"
-
-
 def _p(p) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
 def render(results: dict) -> str:
-    from pretrain.research.compare_report import describe
+    from pretrain.research.compare_report import _pm, describe
 
     contexts = results["contexts"]
     lines = ["# Long context: FIM-Mistral against the baseline at " + ", ".join(f"{int(c):,}" for c in contexts)
