@@ -222,9 +222,12 @@ def _busy_cpu_s() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run_measured(cmd: list[str], log_path: Path, env: dict, interval: float = 0.1) -> dict:
+def run_measured(cmd: list[str], log_path: Path, env: dict, interval: float = 0.1, first_s: float = 2.0,
+                 first_interval: float = 0.01) -> dict:
     """Run ``cmd`` to its end: wall seconds, the peak RSS of its process tree (sum, and the largest
-    process), the tree's CPU seconds and the CPU other processes of the machine used meanwhile."""
+    process), the tree's CPU seconds and the CPU other processes of the machine used meanwhile.
+    The tree is sampled every ``first_interval`` s for the first ``first_s`` s, then every
+    ``interval`` s: a --quick run's workers can live for well under 0.1 s."""
     import resource
 
     import psutil
@@ -256,7 +259,8 @@ def run_measured(cmd: list[str], log_path: Path, env: dict, interval: float = 0.
                 peak_sum, peak_one, most = max(peak_sum, sum(rss)), max(peak_one, max(rss)), max(most, len(rss))
                 samples += 1
             try:
-                rc = proc.wait(timeout=interval)  # returns as soon as the child exits
+                fast = time.perf_counter() - start < first_s
+                rc = proc.wait(timeout=first_interval if fast else interval)  # returns as soon as the child exits
                 break
             except subprocess.TimeoutExpired:
                 continue
@@ -268,7 +272,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict, interval: float = 0.
     sampler = time.process_time() - self0
     other = None if busy0 is None or busy1 is None else max(busy1 - busy0 - cpu - sampler, 0.0)
     return {"rc": rc, "wall_s": wall, "peak_rss_mb": peak_sum / 1e6, "peak_rss_largest_process_mb": peak_one / 1e6,
-            "processes_max": most, "rss_samples": samples, "cpu_s": cpu, "sampler_cpu_s": sampler,
+            "processes_max": most, "processes_seen": len(cpu_seen), "rss_samples": samples, "cpu_s": cpu, "sampler_cpu_s": sampler,
             "other_processes_cpu_s": other, "other_processes_cores": None if other is None else other / wall,
             "load_avg_1min_at_start": load}
 
