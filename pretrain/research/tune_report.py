@@ -46,7 +46,8 @@ def write_summary(spec, config_path: str, grid, out_dir: Path, layout: dict | No
         trial_id = _trial_id(result)
         last = result.metrics or {}
         history = _history(result)
-        trials.append({"trial": trial_id, "dir": str(out_dir / "trials" / trial_id), "config": result.config,
+        trials.append({"trial": trial_id, "dir": f"trials/{trial_id}",  # relative to OUT: the summary moves with it
+                       "config": result.config,
                        "error": None if result.error is None else str(result.error).splitlines()[0],
                        # Ray's last result: after exploiting a finished trial, that trial's final one
                        "final_bpb": last.get("bpb"), "final_step": last.get("step"),
