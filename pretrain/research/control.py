@@ -25,6 +25,7 @@ from pretrain.bench import provenance
 from pretrain.core.metrics import read_metrics
 from pretrain.research import stats
 from pretrain.research.compare import ROOT, config_hash, train_run
+from pretrain.research.tune_report import trial_subdir
 from pretrain.research.tune_spec import TuneSpec, load_spec, trial_config
 
 ARMS = ("schedule", "qcontrol", "pbt")
@@ -65,7 +66,7 @@ def pbt_run(spec: TuneSpec, seed: int, out_dir: Path) -> tuple[Path, dict]:
     summary = json.loads(summary_path.read_text())
     if summary["best"] is None:
         raise RuntimeError(f"PBT seed {seed}: no trial finished ({summary_path})")
-    return tune_dir / "trials" / summary["best"]["trial"] / "run", summary
+    return tune_dir / trial_subdir(summary["best"]["trial"]) / "run", summary
 
 
 def heldout_bpb(run_dir: Path, skip: int, batches: int) -> dict:

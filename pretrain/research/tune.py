@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pretrain.core.config import ConfigError
 from pretrain.research.layout_search import FimLayoutSearcher, confirm
-from pretrain.research.tune_report import write_summary
+from pretrain.research.tune_report import trial_subdir, write_summary
 from pretrain.research.tune_spec import (
     EXPERIMENT,
     SearchDim,
@@ -113,7 +113,7 @@ def run_trial(params: dict, spec: TuneSpec, out_dir: str) -> None:
     from pretrain.core.trainer import EXIT_OK, train
 
     context = tune.get_context()
-    trial_dir = Path(out_dir) / "trials" / context.get_trial_id()
+    trial_dir = Path(out_dir) / trial_subdir(context.get_trial_id())
     run_dir = trial_dir / "run"
     cfg = trial_config(spec, params, str(run_dir), spec.cpus_per_trial)
     ckpt_dir = run_dir / "checkpoints"

@@ -27,6 +27,12 @@ def _trial_id(result) -> str:
     return match.group(1) if match else name
 
 
+def trial_subdir(trial_id: str) -> str:
+    """A trial's directory under OUT (its run directory and exploits log), for the trainable and
+    the summary alike."""
+    return f"trials/{trial_id}"
+
+
 def _ray_exploits(experiment: Path) -> list[dict]:
     """Ray's own PBT log: [target tag, clone tag, target iteration, clone iteration, old, new]."""
     log = experiment / "pbt_global.txt"
@@ -46,13 +52,13 @@ def write_summary(spec, config_path: str, grid, out_dir: Path, layout: dict | No
         trial_id = _trial_id(result)
         last = result.metrics or {}
         history = _history(result)
-        trials.append({"trial": trial_id, "dir": f"trials/{trial_id}",  # relative to OUT: the summary moves with it
-                       "config": result.config,
+        subdir = trial_subdir(trial_id)   # relative to OUT: the summary moves with it
+        trials.append({"trial": trial_id, "dir": subdir, "config": result.config,
                        "error": None if result.error is None else str(result.error).splitlines()[0],
                        # Ray's last result: after exploiting a finished trial, that trial's final one
                        "final_bpb": last.get("bpb"), "final_step": last.get("step"),
                        "best_bpb": min((h["bpb"] for h in history), default=None), "history": history})
-        log = out_dir / "trials" / trial_id / "exploits.jsonl"
+        log = out_dir / subdir / "exploits.jsonl"
         if log.is_file():
             restarts += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     finished = [t for t in trials if t["final_bpb"] is not None]
