@@ -16,6 +16,13 @@ the run stops and resumes exactly once the store is back).
 Per slot, documents pass an optional seeded shuffle buffer (``shuffle_buffer`` documents), are
 joined with EOS and cut into windows of ``seq_len + 1`` tokens (consecutive windows share one
 token, so every token is predicted exactly once). ``micro_batch_size`` windows make a batch.
+With ``window_order="shuffled"`` a slot cuts each whole shard that way and emits its windows in a
+seeded permutation (seed, epoch, shard position, slot): a batch's rows come from anywhere in the
+shard instead of one stretch of one document. Why: with consecutive windows a small run follows
+the few documents it last read (the demo's baseline: 0.23 bpb worse at equal tokens than rows at
+random offsets). Each shard's last ``len % seq_len`` tokens and ``windows % micro_batch_size``
+windows are left out of that epoch; the position is (epoch, shard, window), so a resume is exact,
+and a change of layout is refused (reshard re-splits document positions, not window ones).
 Workers send batches in groups of ``BATCHES_PER_ITEM`` (a DataLoader item has a fixed cost); a
 rank's batch n comes from its worker ``(n // 8) % W``, in the DataLoader's round-robin order.
 
@@ -39,13 +46,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .reshard import fresh_slot_state, reshard, slot_shards
+from .reshard import ReshardError, fresh_slot_state, reshard, slot_shards
 from .shards import ShardError, parse_shard, read_manifest
 from .storage import DataStore, StoreError, is_url
 from .tokenizer import tokenizer_from_manifest
 
 LAYOUT_KEYS = ("world_size", "num_workers", "micro_batch_size", "seq_len", "seed", "shuffle_buffer",
-               "per_item")
+               "per_item", "window_order")
+LAYOUT_DEFAULTS = {"window_order": "stream"}  # keys that states saved before them lack
+WINDOW_ORDERS = ("stream", "shuffled")
 BATCHES_PER_ITEM = 8  # batches a worker sends per DataLoader item
 
 
@@ -162,8 +171,41 @@ class SlotStream:
         return [(r[0], r[1], found[(r[0], r[1])][r[2] if len(r) > 2 else 0:]) for r in refs]
 
     # -- batches -----------------------------------------------------------------------------
+    def _shuffled_window_batches(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """``window_order="shuffled"``: ([micro_batch_size, seq_len + 1] tokens, state after
+        them) per batch, each shard's windows in a seeded permutation."""
+        seq, rows, spec, st = self.spec["seq_len"], self.spec["micro_batch_size"], self.spec, self.state
+        eos = np.array([spec["eos_id"]], dtype=spec["dtype"])
+        st.setdefault("window_pos", 0)
+        while spec["epochs"] is None or st["epoch"] < spec["epochs"]:
+            shards = self._shards(st["epoch"])
+            while st["shard_pos"] < len(shards):
+                shard = shards[st["shard_pos"]]
+                self._prefetch(shards[st["shard_pos"] + 1] if st["shard_pos"] + 1 < len(shards) else None)
+                try:
+                    docs = [piece for _, tokens in self._read(shard) for piece in (tokens, eos)]
+                except ShardError:
+                    if spec["on_error"] != "skip":
+                        raise
+                    st["skipped"].append(shard)
+                    docs = []
+                stream = np.concatenate(docs) if docs else np.zeros(0, spec["dtype"])
+                windows = max(stream.size - 1, 0) // seq
+                order = np.random.default_rng(
+                    [spec["seed"], 104729, st["epoch"], st["shard_pos"], self.slot]).permutation(windows)
+                while st["window_pos"] + rows <= windows:
+                    picked = order[st["window_pos"]:st["window_pos"] + rows]
+                    batch = np.stack([stream[j * seq:j * seq + seq + 1] for j in picked])
+                    st["window_pos"] += rows
+                    yield batch, self.snapshot()
+                st["shard_pos"], st["window_pos"] = st["shard_pos"] + 1, 0
+            st["epoch"], st["shard_pos"] = st["epoch"] + 1, 0
+
     def batches(self) -> Iterator[tuple[np.ndarray, dict]]:
         """(``seq_len * micro_batch_size + 1`` tokens, state after them) per batch."""
+        if self.spec["window_order"] == "shuffled":
+            yield from self._shuffled_window_batches()
+            return
         seq, rows = self.spec["seq_len"], self.spec["micro_batch_size"]
         need = seq * rows + 1
         st = self.state
@@ -237,11 +279,16 @@ def _identity(x):
     return x
 
 
+def _saved(state: dict, key: str):
+    """A layout key of a saved loader state; states from before the key have its default."""
+    return state["layout"].get(key, LAYOUT_DEFAULTS.get(key))
+
+
 class StreamingLoader:
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, micro_batch_size: int, *,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_buffer: int = 0, epochs: int | None = None, on_error: str = "raise",
-                 mask_documents: bool = False):
+                 mask_documents: bool = False, window_order: str = "stream"):
         self.data_dir = data_dir if is_url(data_dir) else Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         splits = self.manifest["splits"]
@@ -250,6 +297,8 @@ class StreamingLoader:
         self.tokenizer = tokenizer_from_manifest(self.manifest["tokenizer"], self.data_dir)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r} (allowed: raise, skip)")
+        if window_order not in WINDOW_ORDERS:
+            raise ValueError(f"window_order={window_order!r} (allowed: {', '.join(WINDOW_ORDERS)})")
         shards = [s["name"] for s in splits[split]["shards"]]
         num_slots = world_size * max(num_workers, 1)
         if len(shards) < num_slots:
@@ -266,7 +315,7 @@ class StreamingLoader:
                      "eos_id": self.tokenizer.eos_id, "dtype": self.manifest["tokenizer"]["dtype"],
                      "vocab_size": self.tokenizer.vocab_size,
                      "fingerprint": self.manifest["tokenizer"].get("fingerprint"),
-                     "num_workers": num_workers, "per_item": BATCHES_PER_ITEM}
+                     "num_workers": num_workers, "per_item": BATCHES_PER_ITEM, "window_order": window_order}
         self.bytes_per_token = torch.from_numpy(self.tokenizer.bytes_per_token)
         self._states: list = [None] * max(num_workers, 1)
         self._consumed = 0
@@ -301,6 +350,9 @@ class StreamingLoader:
                 self._states[logical] = state
                 self._consumed += 1
                 tokens = torch.from_numpy(window.astype(np.int64))
+                if tokens.dim() == 2:  # shuffled windows: one row of seq + 1 tokens each
+                    yield self._batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+                    continue
                 # Consecutive rows share one token: row i is tokens[i*seq : (i+1)*seq + 1].
                 yield self._batch(tokens[:-1].view(rows, seq), tokens[1:].view(rows, seq))
 
@@ -328,31 +380,36 @@ class StreamingLoader:
         layout = {"world_size": self.world, "num_workers": self.num_workers, "rank": self.rank,
                   "micro_batch_size": self.spec["micro_batch_size"], "seq_len": self.spec["seq_len"],
                   "seed": self.spec["seed"], "shuffle_buffer": self.spec["shuffle_buffer"],
-                  "per_item": self.spec["per_item"]}
+                  "per_item": self.spec["per_item"], "window_order": self.spec["window_order"]}
         return {"layout": layout, "consumed": self._consumed, "slots": copy.deepcopy(self._states)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()["layout"]
         for key in LAYOUT_KEYS:
-            if state["layout"][key] != mine[key]:
+            if _saved(state, key) != mine[key]:
                 raise ValueError(
-                    f"data loader state was saved with {key}={state['layout'][key]}, this run has "
+                    f"data loader state was saved with {key}={_saved(state, key)}, this run has "
                     f"{key}={mine[key]}; exact resume needs the same data layout (data-parallel "
                     "size, data.num_workers, train.micro_batch_size, model.seq_length, train.seed, "
-                    "data.shuffle_buffer)")
+                    "data.shuffle_buffer, data.window_order)")
         self._states = copy.deepcopy(state["slots"])
         self._consumed = state["consumed"]
 
     def same_layout(self, state: dict) -> bool:
         mine = self.state_dict()["layout"]
-        return all(state["layout"][key] == mine[key] for key in LAYOUT_KEYS)
+        return all(_saved(state, key) == mine[key] for key in LAYOUT_KEYS)
 
     def reshard_from(self, saved: list[dict]) -> str:
         """Continue from the loader states of every rank of a run with another layout (data-
         parallel size, workers, batch shape): the epochs it had begun are finished with each
         document read exactly once (data_pipeline/reshard.py), later ones follow this layout.
         Returns one line saying what changed."""
-        old = saved[0]["layout"]
+        old = {key: _saved(saved[0], key) for key in LAYOUT_KEYS}
+        if "shuffled" in (old["window_order"], self.spec["window_order"]):
+            raise ReshardError(
+                f"data.window_order={self.spec['window_order']} (saved: {old['window_order']}): a "
+                "shuffled-window position cannot be re-split over another layout; resume with the "
+                "saved layout, or start the data from scratch with --resume never")
         states = reshard(saved, self.spec)
         workers = max(self.num_workers, 1)
         self._states = states[self.rank * workers:(self.rank + 1) * workers]

@@ -65,7 +65,8 @@ def batches_of(cfg: RunConfig, count: int) -> list[dict]:
 
     t = cfg.train
     loader = StreamingLoader(cfg.data.path, "train", cfg.model.seq_length, t.micro_batch_size,
-                             seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+                             seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                             window_order=cfg.data.window_order)
     return [batch for _, batch in zip(range(count), loader)]
 
 

@@ -33,6 +33,9 @@ class DataConfig:
     tokenizer: Literal["auto", "bytes", "sentencepiece", "hf"] = "auto"  # expected; auto = the dataset's
     num_workers: int = 0               # DataLoader worker processes per rank (0: in-process)
     shuffle_buffer: int = 0            # documents in the seeded shuffle buffer (0: shard order only)
+    # stream: a batch is consecutive windows of the packed documents; shuffled: each shard's
+    # windows in a seeded permutation, rows from anywhere in it (data_pipeline/loader.py)
+    window_order: Literal["stream", "shuffled"] = "stream"
     mask_documents: bool = False       # mask attention across document boundaries in packed rows
     on_error: Literal["raise", "skip"] = "raise"  # a corrupt/missing shard: fail, or skip and count
     s3_endpoint: str = ""              # S3-compatible endpoint URL ("" = $AWS_ENDPOINT_URL or AWS)

@@ -253,7 +253,7 @@ def train(cfg: RunConfig, resume: str = "auto",
     data = StreamingLoader(d.path, "train", seq, t.micro_batch_size, rank=layout.dp_rank,
                            world_size=layout.dp, num_workers=d.num_workers, seed=t.seed,
                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error,
-                           mask_documents=d.mask_documents)
+                           mask_documents=d.mask_documents, window_order=d.window_order)
     if layout.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -57,7 +57,7 @@ def run(ckpt: str, out: str, amount: float, steps: int, lr: float, eval_batches:
         print(f"pruned {amount:.0%} of the linear weights: val bpb {result['bpb_pruned']:.4f}", flush=True)
         if steps > 0:
             data = StreamingLoader(cfg.data.path, "train", cfg.model.seq_length, cfg.train.micro_batch_size,
-                                   seed=seed)
+                                   seed=seed, window_order=cfg.data.window_order)
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
             model.train()
             start = time.time()
