@@ -39,6 +39,7 @@ later epochs follow the new layout (data_pipeline/reshard.py). The seed must sta
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -100,17 +101,35 @@ class SlotStream:
     def _shard_documents(self, shard: str, first: int, stop: int | None) -> Iterator[tuple[str, int, np.ndarray]]:
         """Documents ``max(first, doc_pos) .. stop`` of a shard; ``doc_pos`` advances as they go."""
         st = self.state
-        try:
+        with self._skip_damaged(shard):  # documents before the damage were used
             for i, tokens in self._read(shard):
                 if stop is not None and i >= stop:
                     break
                 if i >= max(first, st["doc_pos"]):
                     st["doc_pos"] = i + 1
                     yield shard, i, tokens
+
+    @contextmanager
+    def _skip_damaged(self, shard: str):
+        """With ``on_error="skip"`` a damaged shard is recorded in the state and reading goes on."""
+        try:
+            yield
         except ShardError:
             if self.spec["on_error"] != "skip":
                 raise
-            st["skipped"].append(shard)  # documents before the damage were used
+            self.state["skipped"].append(shard)
+
+    def _own_shards(self) -> Iterator[str]:
+        """The slot's shards from the saved (epoch, shard_pos) on, the next one prefetched; the
+        position moves past a shard when the caller asks for the one after it."""
+        st = self.state
+        while self.spec["epochs"] is None or st["epoch"] < self.spec["epochs"]:
+            shards = self._shards(st["epoch"])
+            while st["shard_pos"] < len(shards):
+                self._prefetch(shards[st["shard_pos"] + 1] if st["shard_pos"] + 1 < len(shards) else None)
+                yield shards[st["shard_pos"]]
+                st["shard_pos"], st["doc_pos"] = st["shard_pos"] + 1, 0
+            st["epoch"], st["shard_pos"] = st["epoch"] + 1, 0
 
     def _raw_documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
         """(shard, index, tokens) from the saved position on; the position advances as they go.
@@ -121,14 +140,8 @@ class SlotStream:
             self._prefetch(st["carry"][1][0] if len(st["carry"]) > 1 else None)
             yield from self._shard_documents(shard, first, stop)
             st["carry"], st["doc_pos"] = st["carry"][1:], 0
-        while self.spec["epochs"] is None or st["epoch"] < self.spec["epochs"]:
-            shards = self._shards(st["epoch"])
-            while st["shard_pos"] < len(shards):
-                shard = shards[st["shard_pos"]]
-                self._prefetch(shards[st["shard_pos"] + 1] if st["shard_pos"] + 1 < len(shards) else None)
-                yield from self._shard_documents(shard, 0, None)
-                st["shard_pos"], st["doc_pos"] = st["shard_pos"] + 1, 0
-            st["epoch"], st["shard_pos"] = st["epoch"] + 1, 0
+        for shard in self._own_shards():
+            yield from self._shard_documents(shard, 0, None)
 
     def _documents(self) -> Iterator[tuple[str, int, np.ndarray]]:
         size = self.spec["shuffle_buffer"]
@@ -177,29 +190,19 @@ class SlotStream:
         seq, rows, spec, st = self.spec["seq_len"], self.spec["micro_batch_size"], self.spec, self.state
         eos = np.array([spec["eos_id"]], dtype=spec["dtype"])
         st.setdefault("window_pos", 0)
-        while spec["epochs"] is None or st["epoch"] < spec["epochs"]:
-            shards = self._shards(st["epoch"])
-            while st["shard_pos"] < len(shards):
-                shard = shards[st["shard_pos"]]
-                self._prefetch(shards[st["shard_pos"] + 1] if st["shard_pos"] + 1 < len(shards) else None)
-                try:
-                    docs = [piece for _, tokens in self._read(shard) for piece in (tokens, eos)]
-                except ShardError:
-                    if spec["on_error"] != "skip":
-                        raise
-                    st["skipped"].append(shard)
-                    docs = []
-                stream = np.concatenate(docs) if docs else np.zeros(0, spec["dtype"])
-                windows = max(stream.size - 1, 0) // seq
-                order = np.random.default_rng(
-                    [spec["seed"], 104729, st["epoch"], st["shard_pos"], self.slot]).permutation(windows)
-                while st["window_pos"] + rows <= windows:
-                    picked = order[st["window_pos"]:st["window_pos"] + rows]
-                    batch = np.stack([stream[j * seq:j * seq + seq + 1] for j in picked])
-                    st["window_pos"] += rows
-                    yield batch, self.snapshot()
-                st["shard_pos"], st["window_pos"] = st["shard_pos"] + 1, 0
-            st["epoch"], st["shard_pos"] = st["epoch"] + 1, 0
+        for shard in self._own_shards():
+            docs = []
+            with self._skip_damaged(shard):
+                docs = [piece for _, tokens in self._read(shard) for piece in (tokens, eos)]
+            stream = np.concatenate(docs) if docs else np.zeros(0, spec["dtype"])
+            windows = max(stream.size - 1, 0) // seq
+            order = np.random.default_rng(
+                [spec["seed"], 104729, st["epoch"], st["shard_pos"], self.slot]).permutation(windows)
+            while st["window_pos"] + rows <= windows:
+                picked = order[st["window_pos"]:st["window_pos"] + rows]
+                st["window_pos"] += rows
+                yield stream[picked[:, None] * seq + np.arange(seq + 1)], self.snapshot()
+            st["window_pos"] = 0
 
     def batches(self) -> Iterator[tuple[np.ndarray, dict]]:
         """(``seq_len * micro_batch_size + 1`` tokens, state after them) per batch."""

@@ -1,4 +1,5 @@
 """data.window_order=shuffled: each shard's windows in a seeded permutation, resumable exactly."""
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -24,7 +25,7 @@ def shard_windows(dataset, shard: str) -> list[bytes]:
 
 def rows_of(loader, n=None) -> list[torch.Tensor]:
     out = []
-    for _, batch in zip(range(n) if n is not None else iter(int, 1), loader):  # pulls no extra batch
+    for _, batch in zip(range(n) if n is not None else itertools.count(), loader):  # pulls no extra batch
         assert batch["input_ids"].shape == (ROWS, SEQ)
         assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
         out.append(torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1))
