@@ -190,6 +190,7 @@ class SlotStream:
         seq, rows, spec, st = self.spec["seq_len"], self.spec["micro_batch_size"], self.spec, self.state
         eos = np.array([spec["eos_id"]], dtype=spec["dtype"])
         st.setdefault("window_pos", 0)
+        barren = 0  # shards in a row too short for one batch: a whole epoch of them never ends
         for shard in self._own_shards():
             docs = []
             with self._skip_damaged(shard):
@@ -198,6 +199,13 @@ class SlotStream:
             windows = max(stream.size - 1, 0) // seq
             order = np.random.default_rng(
                 [spec["seed"], 104729, st["epoch"], st["shard_pos"], self.slot]).permutation(windows)
+            barren = barren + 1 if st["window_pos"] + rows > windows else 0
+            if barren > len(self._shards(st["epoch"])):
+                raise ValueError(
+                    f"data.window_order=shuffled: no shard of this slot holds {rows} windows of "
+                    f"{seq} tokens (micro_batch_size x seq_len + 1 = {rows * seq + 1}), and a batch "
+                    "never mixes shards in this mode; use data.window_order=stream, or a smaller "
+                    "micro_batch_size or seq_length")
             while st["window_pos"] + rows <= windows:
                 picked = order[st["window_pos"]:st["window_pos"] + rows]
                 st["window_pos"] += rows

@@ -32,6 +32,20 @@ def test_the_spec_is_checked_against_the_run_config(tmp_path, dataset):
         load_spec(spec_file(tmp_path, dataset, schedulr={}))
 
 
+def test_a_token_budget_gives_every_batch_shape_the_same_tokens(tmp_path, dataset):
+    from pretrain.research.tune_spec import load_spec, trial_config
+
+    spec = load_spec(spec_file(tmp_path, dataset, tokens=12_288, evaluations=3))
+    base = trial_config(spec, {}, str(tmp_path / "run"))
+    for rows, steps in ((4, 96), (8, 48), (16, 24)):
+        cfg = trial_config(spec, {"train.micro_batch_size": rows}, str(tmp_path / "run"))
+        assert (cfg.train.steps, cfg.train.eval_every) == (steps, steps // 3)
+        assert cfg.train.steps * rows * cfg.model.seq_length == 12_288
+        assert cfg.train.eval_batches * rows == base.train.eval_batches * base.train.micro_batch_size
+    with pytest.raises(ConfigError, match="evaluations"):
+        load_spec(spec_file(tmp_path, dataset, tokens=1000, evaluations=0))
+
+
 @pytest.mark.integration
 def test_a_pbt_search_completes_records_exploits_and_restores(tmp_path, dataset):
     out = tmp_path / "out"

@@ -84,3 +84,10 @@ def test_a_slot_stream_without_the_key_in_its_state_starts_at_window_0(dataset):
     loader = StreamingLoader(dataset, "train", SEQ, ROWS, seed=1, window_order="shuffled")
     batch, state = next(SlotStream(loader.spec, 0, None).batches())
     assert batch.shape == (ROWS, SEQ + 1) and state["window_pos"] == ROWS
+
+
+def test_shards_too_short_for_one_batch_are_an_error_not_a_hang(dataset):
+    """Training streams never end; with no shard able to fill a batch the loader would spin."""
+    loader = StreamingLoader(dataset, "train", 512, 64, window_order="shuffled")
+    with pytest.raises(ValueError, match="no shard of this slot holds 64 windows of 512 tokens"):
+        next(iter(loader))

@@ -214,6 +214,13 @@ class RunConfig:
                               "traces; leave it false for those layouts")
         return self
 
+    def set_token_budget(self, tokens: int, evaluations: int) -> None:
+        """Train for ``tokens`` tokens in whole steps with ``evaluations`` evenly spaced: runs of
+        different batch or context shapes then get the same budget and evaluate at the same fractions."""
+        t = self.train
+        t.steps = max(1, round(tokens / (t.micro_batch_size * t.grad_accum * self.model.seq_length)))
+        t.eval_every = max(1, t.steps // evaluations)
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name).to_dict() if f.name == "model"
                 else dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

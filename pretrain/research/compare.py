@@ -56,10 +56,8 @@ def arm_config(arm: str, overrides: list[str], seed: int, tokens: int, runs_dir:
                evals: int = 4) -> tuple[RunConfig, Path]:
     path, arm_sets = split_arm(arm)
     cfg = load_config(path, [*overrides, *arm_sets, f"train.seed={seed}"])
+    cfg.set_token_budget(tokens, evals)
     t = cfg.train
-    per_step = t.micro_batch_size * t.grad_accum * cfg.model.seq_length
-    t.steps = max(1, round(tokens / per_step))
-    t.eval_every = max(1, t.steps // evals)
     t.checkpoint_every, t.keep_last = 0, 1
     cfg.log.wandb, cfg.log.progress = False, False
     name = f"{cfg.model.name}-seed{seed}-{config_hash(cfg)}"

@@ -64,7 +64,7 @@ def write_summary(spec, config_path: str, grid, out_dir: Path, layout: dict | No
     finished = [t for t in trials if t["final_bpb"] is not None]
     best = min(finished, key=lambda t: t["final_bpb"]) if finished else None
     summary = {"config": config_path, "scheduler": spec.scheduler.name, "metric": spec.metric,
-               "num_samples": spec.num_samples, "trials": trials,
+               "num_samples": spec.num_samples, "tokens": spec.tokens, "trials": trials,
                "exploits": _ray_exploits(out_dir / EXPERIMENT),
                "restarts_from_other_trials": sorted(restarts, key=lambda e: (e["at_step"], e["trial"])),
                "best": None if best is None else {"trial": best["trial"], "bpb": best["final_bpb"],
@@ -88,6 +88,9 @@ def _render(summary: dict) -> str:
     keys = sorted({k for t in summary["trials"] for k in t["config"]})
     lines = [f"# tune: {summary['config']} ({summary['scheduler']}, {summary['num_samples']} trials, "
              f"final validation {summary['metric']})", ""]
+    if summary.get("tokens"):
+        lines += [f"Budget: {summary['tokens']:,} training tokens per trial (steps from each trial's "
+                  "batch and context).", ""]
     if summary["best"]:
         b = summary["best"]
         lines += [f"Best: trial `{b['trial']}`, val bpb {b['bpb']:.4f}, "

@@ -68,6 +68,12 @@ class TuneSpec:
     num_samples: int = 4
     cpus_per_trial: float = 1.0
     seed: int = 0                      # sampling of the search space and the schedulers' RNG
+    # > 0: every trial trains this many tokens (steps from its own batch and context), evaluates
+    # `evaluations` times on the base's number of validation tokens, so that a search over
+    # micro_batch_size or seq_length is at equal budget and ASHA compares trials at equal
+    # fractions of it; 0: the base's steps
+    tokens: int = 0
+    evaluations: int = 4
 
     def validate(self) -> "TuneSpec":
         if self.layout_search.enabled:
@@ -78,6 +84,8 @@ class TuneSpec:
             dim.validate(f"search_space[{i}] ({dim.key})")
         if self.num_samples < 1 or self.cpus_per_trial <= 0:
             raise ConfigError("num_samples must be >= 1 and cpus_per_trial > 0")
+        if self.tokens < 0 or self.evaluations < 1:
+            raise ConfigError("tokens must be >= 0 (0: the base config's steps) and evaluations >= 1")
         # every key must exist and every bound must be a valid value for it
         for dim in self.search_space:
             probes = dim.values if dim.distribution == "choice" else [dim.low, dim.high]
@@ -136,6 +144,12 @@ def trial_config(spec: TuneSpec, params: dict, run_dir: str, cpus: float | None 
         sets.append(f"optim.min_lr={float(params['optim.lr']) * base.min_lr / base.lr}")
     cfg = load_config(root / spec.base, sets)
     t = cfg.train
+    if spec.tokens:
+        cfg.set_token_budget(spec.tokens, spec.evaluations)
+        # the same validation tokens for every shape: the base's eval_batches x its batch
+        base = load_config(root / spec.base, spec.overrides)
+        eval_tokens = base.train.eval_batches * base.train.micro_batch_size * base.model.seq_length
+        t.eval_batches = max(1, round(eval_tokens / (t.micro_batch_size * cfg.model.seq_length)))
     if t.eval_every <= 0:
         raise ConfigError("train.eval_every must be > 0 for tune: trials report at evaluations")
     t.checkpoint_every, t.keep_last, t.run_dir = t.eval_every, 1, run_dir
