@@ -16,6 +16,8 @@ def tiny_overrides(data_dir: Path, run_dir: Path, **extra) -> list[str]:
         "model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4,
         "model.num_query_groups": 2, "model.ffn_hidden_size": 128, "model.seq_length": 64,
         "model.sliding_window": 32, "data.path": str(data_dir), "train.run_dir": str(run_dir),
+        # the configs read shuffled windows; these runs reshard and change layouts, which needs stream order
+        "data.window_order": "stream",
         "train.micro_batch_size": 4, "train.steps": 6, "train.eval_every": 0,
         "train.checkpoint_every": 0, "train.eval_batches": 2, "train.log_every": 1,
         "optim.warmup_steps": 2, "log.wandb": False, "log.progress": False,
