@@ -138,16 +138,15 @@ def trial_config(spec: TuneSpec, params: dict, run_dir: str, cpus: float | None 
     together (a report carries the checkpoint of its step), one checkpoint kept."""
     root = Path(__file__).resolve().parents[2]   # the repository
     sets = [*spec.overrides, *(f"{k}={v}" for k, v in params.items())]
+    base = load_config(root / spec.base, spec.overrides)   # before the sampled keys
     if "optim.lr" in params and "optim.min_lr" not in params:
         # keep the schedule's shape: min_lr stays the same fraction of the (sampled) peak LR
-        base = load_config(root / spec.base, spec.overrides).optim
-        sets.append(f"optim.min_lr={float(params['optim.lr']) * base.min_lr / base.lr}")
+        sets.append(f"optim.min_lr={float(params['optim.lr']) * base.optim.min_lr / base.optim.lr}")
     cfg = load_config(root / spec.base, sets)
     t = cfg.train
     if spec.tokens:
         cfg.set_token_budget(spec.tokens, spec.evaluations)
         # the same validation tokens for every shape: the base's eval_batches x its batch
-        base = load_config(root / spec.base, spec.overrides)
         eval_tokens = base.train.eval_batches * base.train.micro_batch_size * base.model.seq_length
         t.eval_batches = max(1, round(eval_tokens / (t.micro_batch_size * cfg.model.seq_length)))
     if t.eval_every <= 0:
